@@ -1,0 +1,23 @@
+"""evon_jax: structured weight uncertainty (SOAP-Bubbles) as optax transformations.
+
+Optimizers: `evon` (IVON in SOAP's eigenbasis), `ivon` (diagonal), `soap` (deterministic
+baseline) and the `scale_by_soap` piece. `evon_jax.posterior` reads the posterior out of an
+optimizer state; `training_samples` serves explicit (mean-in-the-loop) training.
+"""
+
+from evon_jax import eigenbasis, ivon_step, kronecker, posterior, whitening
+from evon_jax._evon import EvonState, SampleStatistics, training_samples
+from evon_jax._optimizers import evon, ivon
+from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
+from evon_jax.kronecker import KroneckerPair
+
+# Arguments that fix shapes or branches: pass them as `static_args` to optax.inject_hyperparams.
+STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "mc_samples", "key")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EvonState", "KroneckerPair", "SampleStatistics", "ScaleBySoapState", "STATIC_ARGS",
+    "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "posterior", "scale_by_soap",
+    "soap", "training_samples", "whitening",
+]

@@ -1,0 +1,199 @@
+"""User-facing EVON and IVON optimizers (both built on the one engine in `_evon.py`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import optax
+
+from evon_jax import _validation as check
+from evon_jax._evon import EvonConfig, EvonHyperparams, evon_transformation
+
+
+def _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
+                  clip_radius):
+  check.check_learning_rate(learning_rate)
+  check.check_positive("ess", ess)
+  check.check_positive("hess_init", hess_init)
+  check.check_beta("b1", b1)
+  check.check_beta("b2", b2)
+  check.check_non_negative("weight_decay", weight_decay)
+  check.check_static_int("mc_samples", mc_samples, 1)
+  check.check_non_negative("clip_radius", clip_radius, allow_inf=True)
+  v = check._concrete(clip_radius)
+  if v is not None and v == 0:
+    raise ValueError("clip_radius must be > 0 (use math.inf for no clipping).")
+
+
+def _is_infinite(value) -> bool:
+  v = check._concrete(value)
+  return v is not None and math.isinf(v)
+
+
+def evon(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    ess: float,
+    hess_init: float,
+    b1: float = 0.95,
+    b2: float = 0.9999,
+    shampoo_b: Optional[float] = None,
+    eps: float = 1e-10,
+    weight_decay: float = 1e-6,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    precondition_1d: bool = False,
+    hess_clip_ratio: Optional[float] = None,
+    whiten: bool = True,
+    phasing: bool = False,
+    mc_samples: int = 1,
+    key=0,
+    drop_in: bool = True,
+    refresh_method: str = "power_qr",
+    factor_gradient: str = "loss",
+    factor_statistic: str = "mean_gradient",
+    stagger_refresh: bool = False,
+    clip_radius: float = math.inf,
+    dtype=None,
+    rotation_precision=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Eigenspace Variational Online Newton: IVON in SOAP's eigenbasis (a SOAP-Bubble).
+
+  The posterior of a matrix leaf is ``W = M + Q_L E Q_Rᵀ`` with ``E_ij ~ N(0, V_ij)``,
+  ``V = 1 / (ess (H + weight_decay))``: a non-diagonal Gaussian stored with SOAP's memory.
+  Each real step (ALGORITHM.md): rotate the gradient in, ``ĥ = E ⊙ G° / V`` (Price),
+  ``Ḡ ← b1 Ḡ + (1-b1) G°``, IVON's positive Hessian update, ``M ← M - lr Q_L U Q_Rᵀ`` with
+  ``U = (Ḡ/(1-b1ᵗ) + δ M°) / (H + δ + eps)`` (Newton–Schulz whitened when ``whiten``),
+  Kronecker-factor EMAs of the gradient, and a power-iteration + QR basis refresh every
+  ``precondition_frequency`` steps (full ``eigh`` on the first call).
+
+  **Drop-in mode** (default): in a plain optax loop the params the loop holds are the current
+  posterior sample; ``update`` needs them (``tx.update(grads, state, params)``) and returns
+  the move to the next sample. The mean lives in the state: ``evon_jax.posterior.mean``.
+  The first call (gradient at the mean) only initialises factors and bases. With
+  ``mc_samples=k`` every k calls (fresh noise each) make one step.
+
+  **Explicit mode** (``drop_in=False``): the loop holds the mean; take gradients at
+  ``evon_jax.training_samples(state, mc_samples)`` (a leading sample axis, e.g. with
+  ``jax.vmap``) and ``update`` returns the move of the mean.
+
+  Args:
+    learning_rate: a float or an optax schedule (evaluated at the real-step index).
+    ess: effective sample size, usually the number of training examples.
+    hess_init: initial value of H.
+    b1: momentum decay (bias-corrected).
+    b2: Hessian EMA decay.
+    shampoo_b: Kronecker-factor EMA decay (default: b2; tuned runs use 0.995).
+    eps: added to H + weight_decay in the update's denominator.
+    weight_decay: prior precision per example δ (prior N(0, 1/(ess δ) I)).
+    precondition_frequency: real steps between basis refreshes (static).
+    max_precond_dim: a side longer than this keeps the identity basis (static).
+    precondition_1d: give 1-D leaves a full basis (else plain IVON on them).
+    hess_clip_ratio: clip ĥ to ±ratio (H + eps); None disables.
+    whiten: Newton–Schulz orthogonalise matrix updates, L2-normalise vector updates.
+    phasing: alternate clean steps (no noise; factors updated; H kept) and noisy steps
+      (noise; H updated; factors updated only on refresh steps). Odd real steps are clean.
+    mc_samples: Monte-Carlo samples per step (static).
+    key: int seed or a PRNG key for the noise.
+    drop_in: see above.
+    refresh_method: 'power_qr' (reference) or 'eigh' (exact; tracks close eigenvalues).
+    factor_gradient: 'loss' (reference) or 'regularized' — use g + δ θ at the sample, whose
+      outer product has the Hessian's eigenvectors at the optimum (removes a rank-one bias).
+    factor_statistic: 'mean_gradient' (reference: outer product of the averaged gradient) or
+      'per_sample' (average of per-sample outer products; no 1/mc_samples dilution).
+    stagger_refresh: spread refreshes of different leaves over the period (flattens spikes).
+    clip_radius: clip U elementwise to ±clip_radius (IVON's option); inf disables.
+    dtype: dtype of all statistics (default float32, or wider params' dtype).
+    rotation_precision: `jax.lax.Precision` of the per-step rotations (refresh and change of
+      basis always use full float32 precision).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, evon_jax
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2) + jnp.sum(p["b"] ** 2)
+    >>> tx = evon_jax.evon(1e-2, ess=100.0, hess_init=1.0)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> mean = evon_jax.posterior.mean(state)
+
+  References:
+    Minut et al., SOAP-Bubbles: Structured Weight Uncertainty for Neural Networks,
+    arXiv 2606.23357, 2026. Shen et al., Variational Learning is Effective for Large Deep
+    Networks, arXiv 2402.17641, 2024.
+  """
+  _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
+                clip_radius)
+  if shampoo_b is not None:
+    check.check_beta("shampoo_b", shampoo_b)
+  check.check_non_negative("eps", eps)
+  if hess_clip_ratio is not None:
+    check.check_positive("hess_clip_ratio", hess_clip_ratio)
+  check.check_static_int("precondition_frequency", precondition_frequency, 1)
+  check.check_static_int("max_precond_dim", max_precond_dim, 0)
+  check.check_choice("refresh_method", refresh_method, ("power_qr", "eigh"))
+  check.check_choice("factor_gradient", factor_gradient, ("loss", "regularized"))
+  check.check_choice("factor_statistic", factor_statistic, ("mean_gradient", "per_sample"))
+  config = EvonConfig(
+      use_bases=True, precondition_frequency=precondition_frequency,
+      max_precond_dim=max_precond_dim, precondition_1d=precondition_1d, whiten=whiten,
+      phasing=phasing, mc_samples=mc_samples, drop_in=drop_in,
+      refresh_method=refresh_method, factor_gradient=factor_gradient,
+      factor_statistic=factor_statistic, stagger_refresh=stagger_refresh, rescale_lr=False,
+      clip_hessian=hess_clip_ratio is not None, clip_update=not _is_infinite(clip_radius),
+      dtype=dtype, rotation_precision=rotation_precision)
+  hp = EvonHyperparams(
+      learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2,
+      shampoo_b=b2 if shampoo_b is None else shampoo_b, eps=eps, weight_decay=weight_decay,
+      hess_clip_ratio=hess_clip_ratio, clip_radius=clip_radius)
+  return evon_transformation(config, hp, key)
+
+
+def ivon(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    ess: float,
+    hess_init: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.99999,
+    weight_decay: float = 1e-4,
+    clip_radius: float = math.inf,
+    rescale_lr: bool = True,
+    mc_samples: int = 1,
+    key=0,
+    drop_in: bool = True,
+    dtype=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""IVON (Improved Variational Online Newton): a diagonal Gaussian posterior.
+
+  Exactly EVON with identity bases, ``eps = 0`` and no whitening: per parameter,
+  ``ĥ = E G / V``, ``m ← b1 m + (1-b1) g``, ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
+  ``μ ← μ - lr' clip((m/(1-b1ᵗ) + δ μ)/(h + δ), clip_radius)`` with
+  ``lr' = lr (hess_init + δ)`` when ``rescale_lr``. Posterior ``N(μ, 1/(ess (h + δ)))``.
+  Drop-in and explicit modes, ``mc_samples`` and ``key`` behave as in `evon`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, evon_jax
+    >>> params = jnp.zeros(3)
+    >>> tx = evon_jax.ivon(0.1, ess=100.0)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(2 * params - 1, state, params)
+
+  References:
+    Shen et al., Variational Learning is Effective for Large Deep Networks, ICML 2024.
+  """
+  _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
+                clip_radius)
+  config = EvonConfig(
+      use_bases=False, whiten=False, phasing=False, mc_samples=mc_samples, drop_in=drop_in,
+      rescale_lr=rescale_lr, clip_update=not _is_infinite(clip_radius), dtype=dtype)
+  hp = EvonHyperparams(
+      learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, shampoo_b=b2,
+      eps=0.0, weight_decay=weight_decay, hess_clip_ratio=None, clip_radius=clip_radius)
+  return evon_transformation(config, hp, key)

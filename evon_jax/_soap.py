@@ -1,0 +1,189 @@
+"""SOAP: Adam in the Kronecker eigenbasis — the deterministic cost and quality baseline.
+
+Shares the layout, factor, rotation and refresh machinery with EVON. Momentum is kept in
+eigen coordinates and re-expressed on refresh (the same parameter-space value SOAP's own
+formulation keeps), so a step costs three product pairs: rotate in, factor statistics,
+rotate out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from evon_jax import eigenbasis
+from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
+from evon_jax.kronecker import KroneckerPair, empty_pair, ema, factor_statistics, rotate_in, \
+    rotate_out
+
+
+class ScaleBySoapState(NamedTuple):
+  """State of `scale_by_soap`.
+
+  Attributes:
+    count: number of update calls (the first only initialises factors and bases).
+    mu: first moment in eigen coordinates.
+    nu: second moment in eigen coordinates (left in place on refresh, as SOAP does).
+    factors: per leaf, Kronecker factors (L, R); `None` on identity sides.
+    bases: per leaf, eigenbases (Q_L, Q_R); `None` on identity sides.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  factors: Any
+  bases: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SoapConfig:
+  precondition_frequency: int = 10
+  max_precond_dim: int = 10000
+  precondition_1d: bool = False
+  dtype: Any = None
+  rotation_precision: Any = None
+
+  def layout(self, leaf) -> LeafLayout:
+    return leaf_layout(leaf.shape, leaf.dtype, max_precond_dim=self.max_precond_dim,
+                       precondition_1d=self.precondition_1d)
+
+
+def _soap_leaf(grad, mu, nu, factors, basis, layout, config, b1, b2, shampoo_b, eps, count):
+  is_first = count == 0
+  rotated = rotate_in(grad, basis, config.rotation_precision)
+  new_mu = b1 * mu + (1 - b1) * rotated
+  new_nu = b2 * nu + (1 - b2) * rotated * rotated
+  t = jnp.maximum(count, 1)
+  scale = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+  direction = scale * new_mu / (jnp.sqrt(new_nu) + eps)
+  # SOAP rotates its direction out with the basis it was computed in (before any refresh).
+  direction = jnp.where(is_first, 0.0, rotate_out(direction, basis, config.rotation_precision))
+  mu = jnp.where(is_first, mu, new_mu)
+  nu = jnp.where(is_first, nu, new_nu)
+  factors = ema(factors, factor_statistics(grad, layout), shampoo_b)
+  kind = eigenbasis.refresh_kind(is_first, count, config.precondition_frequency, 0, "power_qr")
+  basis, (mu,) = eigenbasis.refresh(kind, factors, basis, (mu,))
+  return direction, mu, nu, factors, basis
+
+
+def scale_by_soap(
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_b: float | None = None,
+    eps: float = 1e-8,
+    *,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    precondition_1d: bool = False,
+    dtype=None,
+    rotation_precision=None,
+) -> optax.GradientTransformation:
+  """Rescales updates with Adam run in the eigenbasis of Shampoo's Kronecker factors.
+
+  The first call initialises the factors from the gradient (EMA from zero) and the bases by
+  `eigh`, and returns a zero update. Afterwards, with G° = Q_Lᵀ G Q_R:
+  mu ← b1 mu + (1-b1) G°; nu ← b2 nu + (1-b2) G°²; D = Q_L [√(1-b2ᵗ)/(1-b1ᵗ) mu/(√nu+eps)] Q_Rᵀ;
+  the factors are EMAs (decay `shampoo_b`, default b2) of G Gᵀ and Gᵀ G; every
+  `precondition_frequency` steps the bases are refreshed by power iteration + QR and mu is
+  re-expressed in the new basis (nu stays).
+
+  Args:
+    b1, b2: Adam's decay rates in the eigenbasis.
+    shampoo_b: decay of the Kronecker factors (default: b2).
+    eps: added to √nu.
+    precondition_frequency: steps between basis refreshes.
+    max_precond_dim: sides longer than this keep the identity basis.
+    precondition_1d: give 1-D leaves a full basis too (else plain Adam on them).
+    dtype: dtype of statistics (default float32, wider if params are wider).
+    rotation_precision: `jax.lax.Precision` of the per-step rotations.
+
+  Returns:
+    An optax transformation; chain `add_decayed_weights` and a learning rate (see `soap`).
+
+  References:
+    Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, arXiv 2409.11321, 2024.
+  """
+  from evon_jax import _validation as check
+  check.check_beta("b1", b1)
+  check.check_beta("b2", b2)
+  if shampoo_b is not None:
+    check.check_beta("shampoo_b", shampoo_b)
+  check.check_non_negative("eps", eps)
+  check.check_static_int("precondition_frequency", precondition_frequency, 1)
+  check.check_static_int("max_precond_dim", max_precond_dim, 0)
+  config = SoapConfig(precondition_frequency, max_precond_dim, precondition_1d, dtype,
+                      rotation_precision)
+  factor_decay = b2 if shampoo_b is None else shampoo_b
+
+  def init_fn(params):
+    mus, nus, factors, bases = [], [], [], []
+    leaves, treedef = jax.tree.flatten(params)
+    for leaf in leaves:
+      layout = config.layout(leaf)
+      sd = state_dtype(leaf.dtype, config.dtype)
+      shape = layout.shape if layout.trainable else (0,)
+      mus.append(jnp.zeros(shape, sd))
+      nus.append(jnp.zeros(shape, sd))
+      factors.append(empty_pair(layout, sd, "zeros"))
+      bases.append(empty_pair(layout, sd, "eye"))
+    return ScaleBySoapState(jnp.zeros([], jnp.int32), *map(treedef.unflatten, (
+        mus, nus, factors, bases)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    treedef = jax.tree.structure(state.mu)
+    outs, mus, nus, factors, bases = [], [], [], [], []
+    for grad, mu, nu, factor, basis in zip(*(treedef.flatten_up_to(t) for t in (
+        updates, state.mu, state.nu, state.factors, state.bases))):
+      layout = config.layout(grad)
+      if not layout.trainable:
+        outs.append(jnp.zeros_like(grad))
+        mus.append(mu), nus.append(nu), factors.append(factor), bases.append(basis)
+        continue
+      matrix = lambda x: as_matrix(x, layout)
+      direction, mu, nu, factor, basis = _soap_leaf(
+          matrix(grad).astype(mu.dtype), matrix(mu), matrix(nu), factor, basis, layout,
+          config, b1, b2, factor_decay, eps, state.count)
+      outs.append(from_matrix(direction, layout).astype(grad.dtype))
+      mus.append(from_matrix(mu, layout)), nus.append(from_matrix(nu, layout))
+      factors.append(factor), bases.append(basis)
+    new_state = ScaleBySoapState(state.count + 1, *map(treedef.unflatten, (
+        mus, nus, factors, bases)))
+    return treedef.unflatten(outs), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def soap(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_b: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    precondition_1d: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """SOAP with decoupled weight decay: chain(scale_by_soap, add_decayed_weights, -lr).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, evon_jax
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> tx = evon_jax.soap(1e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+  """
+  from evon_jax import _validation as check
+  check.check_learning_rate(learning_rate)
+  check.check_non_negative("weight_decay", weight_decay)
+  return optax.chain(
+      scale_by_soap(b1, b2, shampoo_b, eps, precondition_frequency=precondition_frequency,
+                    max_precond_dim=max_precond_dim, precondition_1d=precondition_1d),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,61 @@
+"""Construction-time checks with messages that say what is allowed.
+
+Float hyperparameters are checked only when they are concrete numbers: under
+`optax.inject_hyperparams` they arrive as arrays (possibly traced) and must stay traceable.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import numpy as np
+
+
+def _concrete(value):
+  if isinstance(value, (numbers.Number, np.number)) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(value, jax.core.Tracer):
+    if np.ndim(value) == 0:
+      return float(np.asarray(value))
+  return None
+
+
+def check_positive(name, value):
+  v = _concrete(value)
+  if v is not None and not (v > 0 and math.isfinite(v)):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def check_non_negative(name, value, allow_inf=False):
+  v = _concrete(value)
+  if v is not None and not (v >= 0 and (allow_inf or math.isfinite(v))):
+    raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number >= 0, "
+                     f"got {value!r}.")
+
+
+def check_beta(name, value):
+  v = _concrete(value)
+  if v is not None and not 0 <= v < 1:
+    raise ValueError(f"{name} must lie in [0, 1), got {value!r}.")
+
+
+def check_learning_rate(value):
+  if callable(value):
+    return
+  check_non_negative("learning_rate", value)
+
+
+def check_static_int(name, value, minimum):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(
+        f"{name} must be a Python int >= {minimum} (it fixes shapes or branches); got "
+        f"{value!r}. With optax.inject_hyperparams pass static_args=({name!r}, ...).")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")

@@ -1,0 +1,42 @@
+"""IVON's update of a diagonal Gaussian, written for any orthonormal coordinate system.
+
+EVON applies these elementwise in the Kronecker eigenbasis; IVON is the identity-basis case.
+All arrays here are in the same (eigen) coordinates. Notation (ALGORITHM.md):
+  V = 1 / (ess (H + delta))   posterior variance, z the standard normal draw, E = sqrt(V) z.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def posterior_std(hessian, ess, weight_decay):
+  """sqrt(V) = 1 / sqrt(ess (H + delta))."""
+  return jax.lax.rsqrt(ess * (hessian + weight_decay))
+
+
+def price_hessian_estimate(mean_normal_times_grad, hessian, ess, weight_decay):
+  """Reparameterisation (Price) estimate ĥ = mean_s(E_s ⊙ G_s) / V.
+
+  With E = sqrt(V) z this is mean_s(z_s ⊙ G_s) / sqrt(V), so the noise never has to be
+  rescaled or stored: only the standard normal draw z and the rotated gradient are needed.
+  """
+  return mean_normal_times_grad * jnp.sqrt(ess * (hessian + weight_decay))
+
+
+def clip_hessian_estimate(estimate, hessian, ratio, eps):
+  """Keeps ĥ within ±ratio (H + eps): damps rare huge estimates (`hess_clip_ratio`)."""
+  bound = ratio * (hessian + eps)
+  return jnp.clip(estimate, -bound, bound)
+
+
+def ivon_hessian_update(hessian, estimate, b2, weight_decay):
+  """IVON's Hessian EMA with the second-order correction that keeps H positive."""
+  correction = 0.5 * (1 - b2) ** 2 * (hessian - estimate) ** 2 / (hessian + weight_decay)
+  return b2 * hessian + (1 - b2) * estimate + correction
+
+
+def ivon_direction(momentum, bias_correction, mean, hessian, weight_decay, eps):
+  """Natural-gradient direction with the coupled prior: (m̂ + delta M) / (H + delta + eps)."""
+  return (momentum / bias_correction + weight_decay * mean) / (hessian + weight_decay + eps)

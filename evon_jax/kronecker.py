@@ -1,0 +1,93 @@
+"""Kronecker factors of a matrix leaf and rotations into / out of their eigenbasis.
+
+A matrix gradient G (m x n) gives Shampoo's two factor statistics G Gᵀ (m x m) and Gᵀ G
+(n x n). Their eigenvectors Q_L, Q_R define the eigenbasis in which SOAP runs Adam and EVON
+runs IVON. A side whose basis is absent (`None`) is the identity: nothing is stored for it and
+no product is spent on it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from evon_jax._layout import LeafLayout
+
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+class KroneckerPair(NamedTuple):
+  """A left (rows) and right (columns) square matrix; `None` marks an identity side."""
+
+  left: Optional[jax.Array]
+  right: Optional[jax.Array]
+
+
+def empty_pair(layout: LeafLayout, dtype, fill: str) -> KroneckerPair:
+  """Zero factors (`fill='zeros'`) or identity bases (`fill='eye'`) for the rotated sides."""
+
+  def make(size):
+    return jnp.eye(size, dtype=dtype) if fill == "eye" else jnp.zeros((size, size), dtype)
+
+  return KroneckerPair(
+      make(layout.rows) if layout.left else None,
+      make(layout.cols) if layout.right else None)
+
+
+def factor_statistics(grad: jax.Array, layout: LeafLayout) -> KroneckerPair:
+  """Shampoo's statistics G Gᵀ and Gᵀ G of one matrix gradient (only for rotated sides)."""
+  left = jnp.matmul(grad, grad.T, precision=_EXACT) if layout.left else None
+  right = jnp.matmul(grad.T, grad, precision=_EXACT) if layout.right else None
+  return KroneckerPair(left, right)
+
+
+def mean_factor_statistics(grads: jax.Array, layout: LeafLayout) -> KroneckerPair:
+  """Average over a leading sample axis of per-sample statistics G_s G_sᵀ and G_sᵀ G_s."""
+  count = grads.shape[0]
+  left = (
+      jnp.einsum("sij,skj->ik", grads, grads, precision=_EXACT) / count
+      if layout.left else None)
+  right = (
+      jnp.einsum("sji,sjk->ik", grads, grads, precision=_EXACT) / count
+      if layout.right else None)
+  return KroneckerPair(left, right)
+
+
+def ema(old: KroneckerPair, new: KroneckerPair, decay) -> KroneckerPair:
+  """Exponential moving average side by side; identity sides stay `None`."""
+  return jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, old, new)
+
+
+def rotate_in(x: jax.Array, basis: KroneckerPair, precision=None) -> jax.Array:
+  """Parameter coordinates to eigen coordinates: Q_Lᵀ X Q_R (leading batch dims allowed)."""
+  if basis.left is not None:
+    x = jnp.matmul(basis.left.T, x, precision=precision)
+  if basis.right is not None:
+    x = jnp.matmul(x, basis.right, precision=precision)
+  return x
+
+
+def rotate_out(x: jax.Array, basis: KroneckerPair, precision=None) -> jax.Array:
+  """Eigen coordinates to parameter coordinates: Q_L X Q_Rᵀ (leading batch dims allowed)."""
+  if basis.left is not None:
+    x = jnp.matmul(basis.left, x, precision=precision)
+  if basis.right is not None:
+    x = jnp.matmul(x, basis.right.T, precision=precision)
+  return x
+
+
+def change_basis(x: jax.Array, old: KroneckerPair, new: KroneckerPair) -> jax.Array:
+  """Re-expresses eigen coordinates in a new basis, keeping the parameter-space value.
+
+  Uses the small transition matrices Q_newᵀ Q_old, so a stack of buffers costs one product
+  per side, always at full float32 precision because errors here accumulate over refreshes.
+  """
+  transition = jax.tree.map(
+      lambda n, o: jnp.matmul(n.T, o, precision=_EXACT), new, old)
+  if transition.left is not None:
+    x = jnp.matmul(transition.left, x, precision=_EXACT)
+  if transition.right is not None:
+    x = jnp.matmul(x, transition.right.T, precision=_EXACT)
+  return x

@@ -1,0 +1,42 @@
+"""Update whitening: Newton–Schulz orthogonalisation of matrices, L2 normalisation of vectors.
+
+Both maps commute with orthogonal rotations (NS(Q_L U Q_Rᵀ) = Q_L NS(U) Q_Rᵀ because the
+quintic is an odd polynomial in U Uᵀ U, and norms are rotation invariant), so EVON whitens
+its update in eigen coordinates and saves the rotation a parameter-space whitening would need.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from evon_jax._layout import LeafLayout
+
+# Quintic Newton–Schulz coefficients (as in Muon / the EVON reference), five iterations.
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+_NS_STEPS = 5
+_NORM_EPS = 1e-7
+
+
+def newton_schulz(x: jax.Array, steps: int = _NS_STEPS) -> jax.Array:
+  """Approximately orthogonalises a matrix (pushes its singular values towards one)."""
+  a, b, c = _NS_COEFFICIENTS
+  transpose = x.shape[0] > x.shape[1]
+  if transpose:
+    x = x.T
+  x = x / (jnp.linalg.norm(x) + _NORM_EPS)
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x.T if transpose else x
+
+
+def l2_normalise(x: jax.Array) -> jax.Array:
+  return x / (jnp.linalg.norm(x) + _NORM_EPS)
+
+
+def whiten(update: jax.Array, layout: LeafLayout) -> jax.Array:
+  """Whitens the (rows, cols) update of a leaf: NS for matrices, L2 for vectors and scalars."""
+  if len(layout.shape) >= 2:
+    return newton_schulz(update)
+  return l2_normalise(update)

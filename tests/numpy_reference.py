@@ -1,0 +1,259 @@
+"""Independent NumPy (float64) re-derivations of IVON, EVON and SOAP, used as test oracles.
+
+Written from docs/ALGORITHM.md only. Every step takes the gradient and the noise as inputs, so a
+test can feed these references exactly the numbers the JAX optimizer saw and compare the means.
+
+Conventions shared by the three references:
+  * One object per parameter leaf. A leaf with two or more dims is viewed as a matrix
+    (all but the last dim merged into rows); a 1-D leaf is a column (d, 1); a scalar is (1, 1).
+  * A side gets an eigenbasis when 1 < size <= max_precond_dim (for a 1-D leaf only its rows,
+    and only with precondition_1d); otherwise that side is the identity.
+  * The first call only initialises the Kronecker factors, (1 - shampoo_b) g g^T and
+    (1 - shampoo_b) g^T g, and the bases, by a full eigh with descending eigenvalues.
+    Real steps t = 1, 2, ... follow; the eigenbasis is refreshed after the factor update of
+    every step with t % precondition_frequency == 0, by one power iteration and a QR.
+  * EVON noise is passed in *parameter space* (sample - mean) and rotated into this reference's
+    own basis. Flipping the sign of a basis column then flips the matching rows/columns of the
+    eigen-coordinate noise, gradient and momentum together, leaves H and every parameter-space
+    quantity unchanged; so the references agree with any implementation whatever sign
+    convention its eigh / QR uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 5
+
+
+def newton_schulz(update: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+  """Quintic Newton-Schulz orthogonalisation of a matrix (as in Muon / EVON's whitening)."""
+  a, b, c = NEWTON_SCHULZ_COEFFS
+  x = update / (np.linalg.norm(update) + eps)
+  transposed = x.shape[0] > x.shape[1]
+  if transposed:
+    x = x.T
+  for _ in range(NEWTON_SCHULZ_STEPS):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x.T if transposed else x
+
+
+def whiten_update(update: np.ndarray, is_matrix: bool, eps: float = 1e-7) -> np.ndarray:
+  """Newton-Schulz for matrix leaves, L2 normalisation for vectors and scalars."""
+  if is_matrix:
+    return newton_schulz(update, eps)
+  return update / (np.linalg.norm(update) + eps)
+
+
+def eigh_descending(factor: np.ndarray) -> np.ndarray:
+  """Eigenvectors of a symmetric matrix, columns in descending eigenvalue order."""
+  _, vectors = np.linalg.eigh(factor)
+  return vectors[:, ::-1]
+
+
+def power_qr_refresh(factor: np.ndarray, basis: np.ndarray) -> np.ndarray:
+  """One power iteration followed by QR (no sorting of the columns)."""
+  q, _ = np.linalg.qr(factor @ basis)
+  return q
+
+
+def ivon_hessian_update(hess, hess_hat, b2, weight_decay):
+  """IVON's positivity-preserving EMA of the Hessian estimate (ALGORITHM.md step 3)."""
+  return (b2 * hess + (1 - b2) * hess_hat
+          + 0.5 * (1 - b2) ** 2 * (hess - hess_hat) ** 2 / (hess + weight_decay))
+
+
+class IvonReference:
+  """Diagonal IVON (mc_samples=1) on one leaf; the step counter is per object."""
+
+  def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, weight_decay,
+               clip_radius=np.inf, rescale_lr=True):
+    self.mean = np.array(mean, dtype=np.float64)
+    self.momentum = np.zeros_like(self.mean)
+    self.hess = np.full_like(self.mean, hess_init)
+    self.t = 0
+    self.ess, self.b1, self.b2, self.wd = ess, b1, b2, weight_decay
+    self.clip_radius = clip_radius
+    self.lr = learning_rate * (hess_init + weight_decay) if rescale_lr else learning_rate
+
+  def step(self, grad, noise):
+    """One real step from the gradient at mean + noise."""
+    grad = np.asarray(grad, np.float64)
+    noise = np.asarray(noise, np.float64)
+    self.t += 1
+    hess_hat = noise * grad * self.ess * (self.hess + self.wd)
+    self.momentum = self.b1 * self.momentum + (1 - self.b1) * grad
+    self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, self.wd)
+    update = (self.momentum / (1 - self.b1 ** self.t) + self.wd * self.mean) / (
+        self.hess + self.wd)
+    update = np.clip(update, -self.clip_radius, self.clip_radius)
+    self.mean = self.mean - self.lr * update
+
+
+class _Eigenbases:
+  """Kronecker factors and their eigenbases for one leaf's matrix view (shared by EVON/SOAP)."""
+
+  def __init__(self, shape, *, shampoo_b, max_precond_dim, precondition_1d):
+    self.shape = tuple(shape)
+    if len(self.shape) >= 2:
+      rows, cols = int(np.prod(self.shape[:-1])), self.shape[-1]
+      self.left = 1 < rows <= max_precond_dim
+      self.right = 1 < cols <= max_precond_dim
+      self.is_matrix = True
+    else:
+      rows, cols = (self.shape[0] if self.shape else 1), 1
+      self.left = precondition_1d and 1 < rows <= max_precond_dim
+      self.right = False
+      self.is_matrix = False
+    self.rows, self.cols = rows, cols
+    self.shampoo_b = shampoo_b
+    self.q_left, self.q_right = np.eye(rows), np.eye(cols)
+    self.f_left, self.f_right = np.zeros((rows, rows)), np.zeros((cols, cols))
+
+  def as_matrix(self, x):
+    return np.asarray(x, np.float64).reshape(self.rows, self.cols)
+
+  def from_matrix(self, x):
+    return x.reshape(self.shape)
+
+  def rotate_in(self, x):
+    return self.q_left.T @ x @ self.q_right
+
+  def rotate_out(self, x):
+    return self.q_left @ x @ self.q_right.T
+
+  def init_from(self, g):
+    """First call: factors (1 - b) g g^T, g^T g and their eigenbases."""
+    b = self.shampoo_b
+    if self.left:
+      self.f_left = (1 - b) * g @ g.T
+      self.q_left = eigh_descending(self.f_left)
+    if self.right:
+      self.f_right = (1 - b) * g.T @ g
+      self.q_right = eigh_descending(self.f_right)
+
+  def update_factors(self, g):
+    b = self.shampoo_b
+    if self.left:
+      self.f_left = b * self.f_left + (1 - b) * g @ g.T
+    if self.right:
+      self.f_right = b * self.f_right + (1 - b) * g.T @ g
+
+  def refresh(self, eigen_momentum):
+    """Power-iteration + QR refresh; returns the momentum expressed in the new basis."""
+    momentum_param = self.rotate_out(eigen_momentum)
+    if self.left:
+      self.q_left = power_qr_refresh(self.f_left, self.q_left)
+    if self.right:
+      self.q_right = power_qr_refresh(self.f_right, self.q_right)
+    return self.rotate_in(momentum_param)
+
+
+class EvonReference:
+  """EVON reference semantics (mc_samples=1, no phasing) on one leaf."""
+
+  def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, shampoo_b=None,
+               eps=1e-10, weight_decay=1e-6, precondition_frequency=10,
+               max_precond_dim=10000, precondition_1d=False, hess_clip_ratio=None,
+               whiten=True):
+    mean = np.asarray(mean, np.float64)
+    self.bases = _Eigenbases(
+        mean.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
+        max_precond_dim=max_precond_dim, precondition_1d=precondition_1d)
+    self.mean_matrix = self.bases.as_matrix(mean)
+    self.hess = np.full_like(self.mean_matrix, hess_init)
+    self.momentum = np.zeros_like(self.mean_matrix)  # eigen coordinates
+    self.t = 0
+    self.initialised = False
+    self.lr, self.ess, self.b1, self.b2 = learning_rate, ess, b1, b2
+    self.eps, self.wd, self.every = eps, weight_decay, precondition_frequency
+    self.hess_clip_ratio, self.whiten = hess_clip_ratio, whiten
+
+  @property
+  def mean(self):
+    return self.bases.from_matrix(self.mean_matrix)
+
+  def momentum_parameter_space(self):
+    return self.bases.from_matrix(self.bases.rotate_out(self.momentum))
+
+  def first_call(self, grad):
+    """Call 0: gradient at the mean initialises the factors and bases; no mean update."""
+    self.bases.init_from(self.bases.as_matrix(grad))
+    self.initialised = True
+
+  def step(self, grad, noise):
+    """One real step from the gradient at the sample mean + noise (noise in parameter space)."""
+    assert self.initialised
+    bases = self.bases
+    g = bases.as_matrix(grad)
+    self.t += 1
+    g_eig = bases.rotate_in(g)
+    noise_eig = bases.rotate_in(bases.as_matrix(noise))
+    hess_hat = noise_eig * g_eig * self.ess * (self.hess + self.wd)
+    if self.hess_clip_ratio is not None:
+      bound = self.hess_clip_ratio * (self.hess + self.eps)
+      hess_hat = np.clip(hess_hat, -bound, bound)
+    self.momentum = self.b1 * self.momentum + (1 - self.b1) * g_eig
+    self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, self.wd)
+    update_eig = (self.momentum / (1 - self.b1 ** self.t)
+                  + self.wd * bases.rotate_in(self.mean_matrix)) / (self.hess + self.wd + self.eps)
+    update = bases.rotate_out(update_eig)
+    if self.whiten:
+      update = whiten_update(update, bases.is_matrix)
+    self.mean_matrix = self.mean_matrix - self.lr * update
+    bases.update_factors(g)
+    if self.t % self.every == 0:
+      self.momentum = bases.refresh(self.momentum)
+
+
+class SoapReference:
+  """Deterministic SOAP (Adam in the eigenbasis) plus decoupled weight decay, one leaf.
+
+  soap(lr, weight_decay): params <- params - lr * (D + weight_decay * params), D = 0 on the
+  first call.
+  """
+
+  def __init__(self, params, *, learning_rate, b1, b2, shampoo_b=None, eps=1e-8,
+               weight_decay=0.01, precondition_frequency=10, max_precond_dim=10000,
+               precondition_1d=False):
+    params = np.asarray(params, np.float64)
+    self.bases = _Eigenbases(
+        params.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
+        max_precond_dim=max_precond_dim, precondition_1d=precondition_1d)
+    self.params_matrix = self.bases.as_matrix(params)
+    self.mu = np.zeros_like(self.params_matrix)  # eigen coordinates
+    self.nu = np.zeros_like(self.params_matrix)
+    self.t = 0
+    self.initialised = False
+    self.lr, self.b1, self.b2, self.eps = learning_rate, b1, b2, eps
+    self.wd, self.every = weight_decay, precondition_frequency
+
+  @property
+  def params(self):
+    return self.bases.from_matrix(self.params_matrix)
+
+  def direction(self, grad):
+    """SOAP's preconditioned direction D for this call; updates the statistics."""
+    bases = self.bases
+    g = bases.as_matrix(grad)
+    if not self.initialised:
+      bases.init_from(g)
+      self.initialised = True
+      return np.zeros_like(g)
+    self.t += 1
+    g_eig = bases.rotate_in(g)
+    self.mu = self.b1 * self.mu + (1 - self.b1) * g_eig
+    self.nu = self.b2 * self.nu + (1 - self.b2) * g_eig ** 2
+    scale = np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+    direction = bases.rotate_out(scale * self.mu / (np.sqrt(self.nu) + self.eps))
+    bases.update_factors(g)
+    if self.t % self.every == 0:
+      self.mu = bases.refresh(self.mu)
+    return direction
+
+  def step(self, grad):
+    direction = self.direction(grad)
+    self.params_matrix = self.params_matrix - self.lr * (
+        direction + self.wd * self.params_matrix)

@@ -1,0 +1,246 @@
+"""evon_jax against independent NumPy float64 re-derivations (tests/numpy_reference.py).
+
+Each test drives an optimizer in drop-in mode on a small deterministic loss, records at every
+call the sample the loop held, the posterior mean before the update and the gradient, and feeds
+the NumPy reference the same gradient and the same noise (sample - mean, in parameter space).
+
+Tolerances. JAX runs in float32, the references in float64. Per step the float32 arithmetic
+contributes relative errors of a few ulp (~1e-7); in addition the noise is recovered as
+sample - mean, whose absolute error is one ulp of the sample (~6e-8 |W|), i.e. ~1e-6 relative
+to noise of standard deviation ~0.1. The Hessian estimate is linear in that noise and the
+trajectories are short (<= 30 steps) and contracting, so diagonal IVON stays within rtol 1e-5.
+EVON and SOAP add float32 eigh / QR / rotations: an eigenvector is accurate to
+~1e-7 * |factor| / eigengap, which on these well-separated 3x3..4x4 factors is ~1e-6, and
+Newton-Schulz amplifies small singular values; we allow rtol 1e-4 there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import evon_jax
+from evon_jax import posterior
+import numpy_reference as ref
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem and drop-in driver
+
+
+def _spd(rng, n, floor):
+  a = rng.standard_normal((n, n))
+  return a @ a.T / n + floor * np.eye(n)
+
+
+def make_problem(seed=0, with_conv=False):
+  """A quadratic with a Kronecker-structured Hessian on a (3, 4) matrix, plus a (4,) vector
+  coupled to it (and optionally a (2, 2, 3) leaf, viewed as a (4, 3) matrix).
+
+  Shapes are chosen so that the first-call factors g g^T, g^T g have at most one zero
+  eigenvalue: the eigh bases are then unique up to column signs and any implementation's
+  bases can be compared with the reference's.
+  """
+  rng = np.random.default_rng(seed)
+  left, right = _spd(rng, 3, 0.3), _spd(rng, 4, 0.3)
+  w_star = rng.standard_normal((3, 4))
+  c = rng.uniform(0.5, 2.0, size=4)
+  b_star = rng.standard_normal(4)
+  u = rng.standard_normal(3)
+  k_left, k_right = _spd(rng, 4, 0.3), _spd(rng, 3, 0.3)
+  k_star = rng.standard_normal((2, 2, 3))
+  consts = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                        (left, right, w_star, c, b_star, u, k_left, k_right, k_star))
+
+  def loss(p):
+    left, right, w_star, c, b_star, u, k_left, k_right, k_star = consts
+    dw = p['w'] - w_star
+    value = 0.5 * jnp.sum((left @ dw @ right) * dw)
+    value += 0.5 * jnp.sum(c * (p['b'] - b_star) ** 2) + 0.1 * (u @ p['w'] @ p['b'])
+    if with_conv:
+      dk = jnp.reshape(p['k'] - k_star, (4, 3))
+      value += 0.5 * jnp.sum((k_left @ dk @ k_right) * dk)
+    return value
+
+  params = {'w': 0.5 * rng.standard_normal((3, 4)), 'b': 0.5 * rng.standard_normal(4)}
+  if with_conv:
+    params['k'] = 0.5 * rng.standard_normal((2, 2, 3))
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  return loss, params
+
+
+class Call(NamedTuple):
+  """What one call of tx.update saw and produced (float64 NumPy pytrees)."""
+  sample: dict
+  mean_before: dict
+  grad: dict
+  mean_after: dict
+  state: object
+
+
+def _np(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def drop_in_trajectory(tx, params, loss, num_calls, *, use_mean=True):
+  """Runs the drop-in loop (the loop holds the sample) and records every call."""
+  grad_fn = jax.jit(jax.grad(loss))
+  update_fn = jax.jit(tx.update)
+  state = tx.init(params)
+  calls = []
+  for _ in range(num_calls):
+    mean_before = posterior.mean(state) if use_mean else params
+    grad = grad_fn(params)
+    updates, state = update_fn(grad, state, params)
+    mean_after = posterior.mean(state) if use_mean else optax.apply_updates(params, updates)
+    calls.append(Call(_np(params), _np(mean_before), _np(grad), _np(mean_after), state))
+    params = optax.apply_updates(params, updates)
+  return calls
+
+
+def assert_tree_close(actual, expected, rtol, atol, what=''):
+  for name in expected:
+    np.testing.assert_allclose(actual[name], expected[name], rtol=rtol, atol=atol,
+                               err_msg=f'{what} leaf {name!r}')
+
+
+# ----------------------------------------------------------------------------------------------
+# IVON
+
+IVON_HYPER = dict(ess=50.0, hess_init=0.5, b1=0.9, b2=0.9, weight_decay=1e-2)
+
+
+@pytest.mark.parametrize('clip_radius', [np.inf, 0.05])
+def test_ivon_matches_numpy_reference(clip_radius):
+  loss, params = make_problem(seed=0)
+  lr = 0.05
+  tx = evon_jax.ivon(lr, clip_radius=clip_radius, key=3, **IVON_HYPER)
+  calls = drop_in_trajectory(tx, params, loss, num_calls=31)
+
+  # Call 0 sees the mean itself, only initialises, and does not move the mean.
+  assert_tree_close(calls[0].sample, _np(params), 0, 0, 'call 0 sample')
+  assert_tree_close(calls[0].mean_after, _np(params), 0, 0, 'call 0 mean')
+
+  refs = {k: ref.IvonReference(v, learning_rate=lr, clip_radius=clip_radius, **IVON_HYPER)
+          for k, v in _np(params).items()}
+  standardized = []
+  for i, call in enumerate(calls[1:], start=1):
+    for name, r in refs.items():
+      noise = call.sample[name] - call.mean_before[name]
+      # The sample was drawn with the reference's current variance 1 / (ess (H + wd)).
+      standardized.append(noise * np.sqrt(IVON_HYPER['ess'] * (r.hess + r.wd)))
+      r.step(call.grad[name], noise)
+    assert_tree_close(call.mean_after, {k: r.mean for k, r in refs.items()}, 1e-5, 1e-6,
+                      f'call {i}')
+  standardized = np.concatenate([z.ravel() for z in standardized])
+  # 480 standard normals: mean square 1 +- 3 * sqrt(2/480) ~ 0.19.
+  assert abs(np.mean(standardized ** 2) - 1) < 0.2
+  if clip_radius < np.inf:  # the clip was active at least once
+    deltas = [np.abs(c.mean_after['w'] - c.mean_before['w']) for c in calls[1:]]
+    assert np.isclose(np.max(deltas), lr * (0.5 + 1e-2) * clip_radius, rtol=1e-5)
+
+
+def test_evon_with_identity_bases_is_ivon():
+  loss, params = make_problem(seed=1)
+  lr = 0.05
+  ivon_calls = drop_in_trajectory(
+      evon_jax.ivon(lr, rescale_lr=True, key=7, **IVON_HYPER), params, loss, num_calls=31)
+  evon_calls = drop_in_trajectory(
+      evon_jax.evon(lr * (IVON_HYPER['hess_init'] + IVON_HYPER['weight_decay']), eps=0.0,
+                    max_precond_dim=0, whiten=False, key=7, **IVON_HYPER),
+      params, loss, num_calls=31)
+  for i, (a, b) in enumerate(zip(evon_calls, ivon_calls)):
+    # Same key, same arithmetic up to the rounding of lr * (hess_init + wd).
+    assert_tree_close(a.sample, b.sample, 1e-6, 1e-7, f'call {i} sample')
+    assert_tree_close(a.mean_after, b.mean_after, 1e-6, 1e-7, f'call {i} mean')
+
+
+# ----------------------------------------------------------------------------------------------
+# EVON with eigenbases
+
+EVON_HYPER = dict(ess=50.0, hess_init=0.5, b1=0.9, b2=0.9, shampoo_b=0.8, eps=1e-10,
+                  weight_decay=1e-2, precondition_frequency=10)
+
+
+def _assert_bases_match(impl_bases, r, what):
+  """Same basis up to column signs: |diag(Q_impl^T Q_ref)| == 1."""
+  q_left, q_right = impl_bases
+  for q_impl, side, q_ref in [(q_left, r.bases.left, r.bases.q_left),
+                              (q_right, r.bases.right, r.bases.q_right)]:
+    if not side:
+      assert q_impl is None, what
+      continue
+    overlap = np.abs(np.diag(np.asarray(q_impl, np.float64).T @ q_ref))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-4, err_msg=what)
+
+
+@pytest.mark.parametrize('whiten', [False, True])
+def test_evon_matches_numpy_reference(whiten):
+  loss, params = make_problem(seed=2, with_conv=True)
+  lr = 0.02
+  tx = evon_jax.evon(lr, whiten=whiten, key=11, **EVON_HYPER)
+  calls = drop_in_trajectory(tx, params, loss, num_calls=26)  # 25 real steps, refresh at 10, 20
+
+  assert_tree_close(calls[0].mean_after, _np(params), 0, 0, 'call 0 mean')
+  refs = {k: ref.EvonReference(v, learning_rate=lr, whiten=whiten, **EVON_HYPER)
+          for k, v in _np(params).items()}
+  for name, r in refs.items():
+    r.first_call(calls[0].grad[name])
+  standardized = []
+  for i, call in enumerate(calls[1:], start=1):
+    bases = posterior.bases(call.state)
+    for name, r in refs.items():
+      noise = call.sample[name] - call.mean_before[name]
+      noise_eig = r.bases.rotate_in(r.bases.as_matrix(noise))
+      standardized.append(noise_eig * np.sqrt(r.ess * (r.hess + r.wd)))
+      r.step(call.grad[name], noise)
+      _assert_bases_match(bases[name], r, f'call {i} leaf {name}')
+    assert_tree_close(call.mean_after, {k: r.mean for k, r in refs.items()}, 1e-4, 1e-5,
+                      f'call {i}')
+    variance = _np(posterior.variance_eigen(call.state))
+    assert_tree_close(
+        variance,
+        {k: r.bases.from_matrix(1 / (r.ess * (r.hess + r.wd))) for k, r in refs.items()},
+        1e-4, 0, f'call {i} variance_eigen')
+  standardized = np.concatenate([z.ravel() for z in standardized])
+  # 25 x 28 = 700 standard normals (the reference basis): mean square 1 +- ~0.16.
+  assert abs(np.mean(standardized ** 2) - 1) < 0.17
+
+
+def test_evon_refresh_keeps_bases_orthonormal():
+  loss, params = make_problem(seed=3, with_conv=True)
+  tx = evon_jax.evon(0.02, whiten=True, key=5, **{**EVON_HYPER, 'precondition_frequency': 3})
+  calls = drop_in_trajectory(tx, params, loss, num_calls=13)
+  for i, call in enumerate(calls):
+    for name, (q_left, q_right) in posterior.bases(call.state).items():
+      for q in (q_left, q_right):
+        if q is not None:
+          q = np.asarray(q, np.float64)
+          np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=2e-6,
+                                     err_msg=f'call {i} leaf {name}')
+
+
+# ----------------------------------------------------------------------------------------------
+# SOAP
+
+SOAP_HYPER = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, precondition_frequency=10)
+
+
+@pytest.mark.parametrize('shampoo_b', [None, 0.8])
+def test_soap_matches_numpy_reference(shampoo_b):
+  loss, params = make_problem(seed=4, with_conv=True)
+  lr = 0.02
+  tx = evon_jax.soap(lr, shampoo_b=shampoo_b, **SOAP_HYPER)
+  calls = drop_in_trajectory(tx, params, loss, num_calls=26, use_mean=False)
+  refs = {k: ref.SoapReference(v, learning_rate=lr, shampoo_b=shampoo_b, **SOAP_HYPER)
+          for k, v in _np(params).items()}
+  for i, call in enumerate(calls):
+    for name, r in refs.items():
+      r.step(call.grad[name])
+    assert_tree_close(call.mean_after, {k: r.params for k, r in refs.items()}, 1e-4, 1e-5,
+                      f'call {i}')
