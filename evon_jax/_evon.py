@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from evon_jax import eigenbasis, ivon_step, whitening
+from evon_jax import eigenbasis, ivon_step, noise, whitening
 from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
 from evon_jax.kronecker import (
     KroneckerPair, empty_pair, ema, factor_statistics, mean_factor_statistics, rotate_in,
@@ -140,9 +140,12 @@ def _noise_on(count, config: EvonConfig):
 
 
 def _standard_normal(key, sample_index, leaf_index, layout: LeafLayout, dtype):
-  """The draw z of one sample and leaf, reproducible from (key, sample, leaf)."""
+  """The draw z of one sample and leaf, reproducible from (key, sample, leaf).
+
+  Always the fast 'hash' generator: `update` and `training_samples` must agree on it.
+  """
   leaf_key = jax.random.fold_in(jax.random.fold_in(key, sample_index), leaf_index)
-  return jax.random.normal(leaf_key, (layout.rows, layout.cols), dtype)
+  return noise.standard_normal(leaf_key, (layout.rows, layout.cols), dtype, "hash")
 
 
 # ----------------------------------------------------------------------------- per-leaf maths
