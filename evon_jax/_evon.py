@@ -247,16 +247,11 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
     bases.append(empty_pair(layout, dtype, "eye"))
     accumulators.append(_zero_statistics(layout, config, dtype))
   accumulate = config.drop_in and config.mc_samples > 1
-  if isinstance(key, int):
-    key = jax.random.key(key)
-  elif not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key) if jnp.asarray(key).dtype == jnp.uint32 else \
-        jax.random.key(key)
   unflatten = treedef.unflatten
   return EvonState(
       count=jnp.zeros([], jnp.int32),
       skipped=jnp.zeros([], jnp.int32),
-      key=key,
+      key=_as_typed_key(key),
       sample_noise=jnp.zeros([], jnp.float32),
       mean=unflatten(means),
       momentum=unflatten(momenta),
@@ -266,6 +261,16 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
       ess=jnp.asarray(hp.ess, jnp.float32),
       weight_decay=jnp.asarray(hp.weight_decay, jnp.float32),
       accumulator=unflatten(accumulators) if accumulate else None)
+
+
+def _as_typed_key(key):
+  """An int seed, a typed key, or legacy uint32 key data -> a typed PRNG key."""
+  key = jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)
+  return jax.random.key(key)
 
 
 def _zero_statistics(layout, config, dtype):

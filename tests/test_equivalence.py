@@ -106,13 +106,14 @@ def drop_in_trajectory(tx, params, loss, num_calls, *, use_mean=True):
   """Runs the drop-in loop (the loop holds the sample) and records every call."""
   grad_fn = jax.jit(jax.grad(loss))
   update_fn = jax.jit(tx.update)
+  mean_fn = jax.jit(posterior.mean)
   state = tx.init(params)
   calls = []
   for _ in range(num_calls):
-    mean_before = posterior.mean(state) if use_mean else params
+    mean_before = mean_fn(state) if use_mean else params
     grad = grad_fn(params)
     updates, state = update_fn(grad, state, params)
-    mean_after = posterior.mean(state) if use_mean else optax.apply_updates(params, updates)
+    mean_after = mean_fn(state) if use_mean else optax.apply_updates(params, updates)
     calls.append(Call(_np(params), _np(mean_before), _np(grad), _np(mean_after), state))
     params = optax.apply_updates(params, updates)
   return calls
@@ -209,6 +210,7 @@ def test_evon_matches_numpy_reference(whiten):
   for name, r in refs.items():
     r.first_call(calls[0].grad[name])
   standardized = []
+  variance_fn = jax.jit(posterior.variance_eigen)
   for i, call in enumerate(calls[1:], start=1):
     bases = posterior.bases(call.state)
     for name, r in refs.items():
@@ -219,7 +221,7 @@ def test_evon_matches_numpy_reference(whiten):
       _assert_bases_match(bases[name], r, f'call {i} leaf {name}')
     assert_tree_close(call.mean_after, {k: r.mean for k, r in refs.items()}, 1e-4, 1e-5,
                       f'call {i}')
-    variance = _np(posterior.variance_eigen(call.state))
+    variance = _np(variance_fn(call.state))
     assert_tree_close(
         variance,
         {k: r.bases.from_matrix(1 / (r.ess * (r.hess + r.wd))) for k, r in refs.items()},
@@ -229,17 +231,61 @@ def test_evon_matches_numpy_reference(whiten):
   assert abs(np.mean(standardized ** 2) - 1) < 0.17
 
 
-def test_evon_refresh_keeps_bases_orthonormal():
+def _matrix(x):
+  x = np.asarray(x, np.float64)
+  return x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(-1, 1)
+
+
+def _rotate_out(x, q_left, q_right):
+  if q_left is not None:
+    x = np.asarray(q_left, np.float64) @ x
+  if q_right is not None:
+    x = x @ np.asarray(q_right, np.float64).T
+  return x
+
+
+def _momentum_and_bases(kind, state):
+  """Eigen-coordinate momentum and the bases of an evon (EvonState) or soap (chain) state."""
+  if kind == 'evon':
+    inner = posterior.find_evon_state(state)
+    return inner.momentum, inner.bases
+  inner = state[0]
+  assert isinstance(inner, evon_jax.ScaleBySoapState)
+  return inner.mu, inner.bases
+
+
+@pytest.mark.parametrize('kind', ['evon', 'soap'])
+def test_refresh_keeps_orthonormality_and_momentum(kind):
+  """Every 3rd real step the bases change, stay orthonormal, and the momentum's
+  parameter-space value is the plain EMA b1 m + (1 - b1) g computed in the old basis."""
+  every, b1 = 3, 0.9
   loss, params = make_problem(seed=3, with_conv=True)
-  tx = evon_jax.evon(0.02, whiten=True, key=5, **{**EVON_HYPER, 'precondition_frequency': 3})
-  calls = drop_in_trajectory(tx, params, loss, num_calls=13)
-  for i, call in enumerate(calls):
-    for name, (q_left, q_right) in posterior.bases(call.state).items():
+  if kind == 'evon':
+    tx = evon_jax.evon(0.02, whiten=True, key=5,
+                       **{**EVON_HYPER, 'b1': b1, 'precondition_frequency': every})
+  else:
+    tx = evon_jax.soap(0.02, **{**SOAP_HYPER, 'b1': b1, 'precondition_frequency': every})
+  calls = drop_in_trajectory(tx, params, loss, num_calls=11, use_mean=kind == 'evon')
+  for t in range(1, len(calls)):
+    momentum_old, bases_old = _momentum_and_bases(kind, calls[t - 1].state)
+    momentum_new, bases_new = _momentum_and_bases(kind, calls[t].state)
+    for name, (q_left, q_right) in bases_new.items():
+      what = f'real step {t} leaf {name}'
+      old_left, old_right = bases_old[name]
+      changed = [not np.array_equal(a, b) for a, b in
+                 [(q_left, old_left), (q_right, old_right)] if a is not None]
+      assert all(changed) if t % every == 0 else not any(changed), what
       for q in (q_left, q_right):
         if q is not None:
           q = np.asarray(q, np.float64)
-          np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=2e-6,
-                                     err_msg=f'call {i} leaf {name}')
+          np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=2e-6, err_msg=what)
+      g = _matrix(calls[t].grad[name])
+      g_eig = g if old_left is None else np.asarray(old_left, np.float64).T @ g
+      g_eig = g_eig if old_right is None else g_eig @ np.asarray(old_right, np.float64)
+      expected = _rotate_out(b1 * _matrix(momentum_old[name]) + (1 - b1) * g_eig,
+                             old_left, old_right)
+      actual = _rotate_out(_matrix(momentum_new[name]), q_left, q_right)
+      np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=what)
 
 
 # ----------------------------------------------------------------------------------------------
