@@ -126,16 +126,22 @@ class EvonHyperparams(NamedTuple):
 # ----------------------------------------------------------------------------- schedule of calls
 
 
-def _real_step(count, mc_samples):
+def _calls_per_step(config: EvonConfig) -> int:
+  """Drop-in mode spreads a step's mc_samples over as many calls; explicit mode takes them
+  all in one call."""
+  return config.mc_samples if config.drop_in else 1
+
+
+def _real_step(count, config: EvonConfig):
   """Index (1-based) of the real step that call `count` (>= 1) contributes to."""
-  return (count - 1) // mc_samples + 1
+  return (count - 1) // _calls_per_step(config) + 1
 
 
 def _noise_on(count, config: EvonConfig):
-  """1.0 if the sample evaluated at call `count` carries noise, else 0.0 (mean / clean phase)."""
+  """Whether the sample evaluated at call `count` carries noise (not the mean / clean phase)."""
   noisy = count > 0
   if config.phasing:
-    noisy = noisy & (_real_step(count, config.mc_samples) % 2 == 0)
+    noisy = noisy & (_real_step(count, config) % 2 == 0)
   return noisy
 
 
@@ -348,7 +354,7 @@ def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperpa
     stats = [None if s is None else jax.tree.map(lambda x: x / divisor, s) for s in sums]
   else:
     complete = jnp.asarray(True)
-  step = jnp.where(is_first, 0, _real_step(jnp.maximum(count, 1), k))
+  step = jnp.where(is_first, 0, _real_step(jnp.maximum(count, 1), config))
   noisy_step = _noise_on(count, config)
   lr = _learning_rate(hp, jnp.maximum(step, 1), config)
   factors_on = is_first | (~noisy_step if config.phasing else True)

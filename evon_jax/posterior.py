@@ -141,18 +141,19 @@ def _trainable_variances(state):
 def entropy(opt_state) -> jax.Array:
   """Differential entropy of the whole posterior, ½ Σ log(2πe V) (rotations do not change it)."""
   state = find_evon_state(opt_state)
-  return sum(0.5 * jnp.sum(jnp.log(2 * math.pi * math.e * v))
-             for v in _trainable_variances(state))
+  return sum((0.5 * jnp.sum(jnp.log(2 * math.pi * math.e * v))
+              for v in _trainable_variances(state)), jnp.zeros([], jnp.float32))
 
 
 def kl_to_prior(opt_state) -> jax.Array:
   """KL(q ‖ p) to the prior p = N(0, 1/(ess δ) I) over all trainable entries.
 
   With s² = 1/(ess δ): ½ Σ [V/s² + M²/s² - 1 + log s² - log V]; ‖M‖ is basis independent.
+  With weight_decay = 0 the prior is improper and the KL is infinite.
   """
   state = find_evon_state(opt_state)
   prior_precision = state.ess * state.weight_decay
-  total = 0.0
+  total = jnp.zeros([], jnp.float32)
   for layout, m, h, _ in _per_leaf(state):
     if layout is None:
       continue

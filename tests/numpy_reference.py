@@ -141,23 +141,30 @@ class _Eigenbases:
     if self.right:
       self.f_right = b * self.f_right + (1 - b) * g.T @ g
 
-  def refresh(self, eigen_momentum):
-    """Power-iteration + QR refresh; returns the momentum expressed in the new basis."""
+  def refresh(self, eigen_momentum, method='power_qr'):
+    """Basis refresh ('power_qr' or a full 'eigh'); returns the momentum in the new basis."""
+    new_basis = power_qr_refresh if method == 'power_qr' else (
+        lambda factor, _: eigh_descending(factor))
     momentum_param = self.rotate_out(eigen_momentum)
     if self.left:
-      self.q_left = power_qr_refresh(self.f_left, self.q_left)
+      self.q_left = new_basis(self.f_left, self.q_left)
     if self.right:
-      self.q_right = power_qr_refresh(self.f_right, self.q_right)
+      self.q_right = new_basis(self.f_right, self.q_right)
     return self.rotate_in(momentum_param)
 
 
 class EvonReference:
-  """EVON reference semantics (mc_samples=1, no phasing) on one leaf."""
+  """EVON reference semantics (no phasing) on one leaf.
+
+  `step` takes one gradient and noise (mc_samples=1) or lists of them (one per Monte-Carlo
+  sample): g and g° are sample means, ĥ = mean_s(E°_s ⊙ G°_s) ess (H + δ), and the factors
+  use the outer product of the mean gradient g.
+  """
 
   def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, shampoo_b=None,
                eps=1e-10, weight_decay=1e-6, precondition_frequency=10,
                max_precond_dim=10000, precondition_1d=False, hess_clip_ratio=None,
-               whiten=True):
+               whiten=True, refresh_method='power_qr'):
     mean = np.asarray(mean, np.float64)
     self.bases = _Eigenbases(
         mean.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
@@ -170,6 +177,7 @@ class EvonReference:
     self.lr, self.ess, self.b1, self.b2 = learning_rate, ess, b1, b2
     self.eps, self.wd, self.every = eps, weight_decay, precondition_frequency
     self.hess_clip_ratio, self.whiten = hess_clip_ratio, whiten
+    self.refresh_method = refresh_method
 
   @property
   def mean(self):
@@ -184,16 +192,25 @@ class EvonReference:
     self.initialised = True
 
   def step(self, grad, noise):
-    """One real step from the gradient at the sample mean + noise (noise in parameter space)."""
+    """One real step from gradients at mean + noise (noise in parameter space).
+
+    `grad` and `noise` are arrays (one sample) or equally long lists (several samples).
+    """
     assert self.initialised
     bases = self.bases
-    g = bases.as_matrix(grad)
+    grads = grad if isinstance(grad, (list, tuple)) else [grad]
+    noises = noise if isinstance(noise, (list, tuple)) else [noise]
+    grads_eig = [bases.rotate_in(bases.as_matrix(x)) for x in grads]
+    noises_eig = [bases.rotate_in(bases.as_matrix(x)) for x in noises]
+    g = np.mean([bases.as_matrix(x) for x in grads], axis=0)
+    g_eig = np.mean(grads_eig, axis=0)
     self.t += 1
-    g_eig = bases.rotate_in(g)
-    noise_eig = bases.rotate_in(bases.as_matrix(noise))
-    hess_hat = noise_eig * g_eig * self.ess * (self.hess + self.wd)
+    hess_hat = np.mean([e * x for e, x in zip(noises_eig, grads_eig)], axis=0) * (
+        self.ess * (self.hess + self.wd))
+    self.clipped = 0  # number of entries of ĥ the clip changed this step
     if self.hess_clip_ratio is not None:
       bound = self.hess_clip_ratio * (self.hess + self.eps)
+      self.clipped = int(np.sum(np.abs(hess_hat) > bound))
       hess_hat = np.clip(hess_hat, -bound, bound)
     self.momentum = self.b1 * self.momentum + (1 - self.b1) * g_eig
     self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, self.wd)
@@ -205,7 +222,7 @@ class EvonReference:
     self.mean_matrix = self.mean_matrix - self.lr * update
     bases.update_factors(g)
     if self.t % self.every == 0:
-      self.momentum = bases.refresh(self.momentum)
+      self.momentum = bases.refresh(self.momentum, self.refresh_method)
 
 
 class SoapReference:

@@ -44,15 +44,16 @@ def test_reference_refresh_keeps_momentum_and_orthonormality(kind):
     opt = ref.SoapReference(rng.standard_normal((3, 4)), learning_rate=0.01, b1=0.9, b2=0.9,
                             precondition_frequency=3)
     opt.step(rng.standard_normal((3, 4)))
-  for t in range(1, 7):
+  for _ in range(6):
+    grad = rng.standard_normal((3, 4))
     momentum = opt.momentum if kind == 'evon' else opt.mu
-    old = opt.bases.rotate_out(opt.b1 * momentum + (1 - opt.b1)
-                               * opt.bases.rotate_in(grad := rng.standard_normal((3, 4))))
+    expected = opt.bases.rotate_out(
+        opt.b1 * momentum + (1 - opt.b1) * opt.bases.rotate_in(grad))
     if kind == 'evon':
       opt.step(grad, 0.1 * rng.standard_normal((3, 4)))
     else:
       opt.step(grad)
     momentum = opt.momentum if kind == 'evon' else opt.mu
-    np.testing.assert_allclose(opt.bases.rotate_out(momentum), old, atol=1e-12)
+    np.testing.assert_allclose(opt.bases.rotate_out(momentum), expected, atol=1e-12)
     for q in (opt.bases.q_left, opt.bases.q_right):
       np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-12)

@@ -26,7 +26,7 @@ import evon_jax
 from evon_jax import posterior
 
 FLOAT32_RTOL = 1e-5
-NAMES = ("w", "v", "s")  # trainable leaves; "n" is an int leaf that passes through
+NAMES = ("w", "k", "v", "s")  # trainable leaves; "n" is an int leaf that passes through
 EVON_HYPER = dict(ess=30.0, hess_init=0.2, b1=0.9, b2=0.8, shampoo_b=0.9, weight_decay=1e-2,
                   precondition_frequency=4, precondition_1d=True)
 IVON_HYPER = dict(ess=30.0, hess_init=0.2, b1=0.9, b2=0.8, weight_decay=1e-2)
@@ -42,22 +42,28 @@ def _spd(rng, n, floor):
 
 
 def make_problem(seed=0):
-  """A quadratic with a Kronecker Hessian on a (5, 4) matrix, a logistic regression on a (6,)
-  vector, a scalar coupled to the vector and an integer leaf the loss ignores."""
+  """Quadratics with Kronecker Hessians on a (5, 4) matrix and a (2, 2, 3) leaf (a (4, 3)
+  matrix view), a logistic regression on a (6,) vector, a scalar coupled to the vector and an
+  integer leaf the loss ignores."""
   rng = np.random.default_rng(seed)
   a, b = _spd(rng, 5, 0.2), _spd(rng, 4, 0.2)
   w_star = rng.standard_normal((5, 4))
+  c, d, k_star = _spd(rng, 4, 0.2), _spd(rng, 3, 0.2), rng.standard_normal((2, 2, 3))
   x = rng.standard_normal((40, 6))
   y = np.sign(x @ rng.standard_normal(6) + 0.3 * rng.standard_normal(40))
-  a, b, w_star, x, y = (jnp.asarray(t, jnp.float32) for t in (a, b, w_star, x, y))
+  a, b, w_star, c, d, k_star, x, y = (
+      jnp.asarray(t, jnp.float32) for t in (a, b, w_star, c, d, k_star, x, y))
 
   def loss(p):
     dw = p["w"] - w_star
     value = 0.5 * jnp.sum((a @ dw @ b) * dw)
+    dk = jnp.reshape(p["k"] - k_star, (4, 3))
+    value += 0.5 * jnp.sum((c @ dk @ d) * dk)
     value += jnp.mean(jax.nn.softplus(-y * (x @ p["v"]) * (1.0 + p["s"] ** 2)))
     return value + 0.5 * (p["s"] - 0.5) ** 2
 
   params = {"w": jnp.asarray(0.3 * rng.standard_normal((5, 4)), jnp.float32),
+            "k": jnp.asarray(0.3 * rng.standard_normal((2, 2, 3)), jnp.float32),
             "v": jnp.asarray(0.3 * rng.standard_normal(6), jnp.float32),
             "s": jnp.asarray(0.1, jnp.float32),
             "n": jnp.asarray(7, jnp.int32)}
@@ -154,7 +160,7 @@ def evon_state(problem):
   loss, params = problem
   state = train(evon_jax.evon(0.05, key=1, **EVON_HYPER), loss, params)
   # Guard: the test is only meaningful when the posterior is far from isotropic.
-  for name in ("w", "v"):
+  for name in ("w", "k", "v"):
     basis = state.bases[name]
     assert basis.left is not None
     assert not np.allclose(_f64(basis.left), np.eye(basis.left.shape[0]), atol=0.1)
@@ -189,9 +195,10 @@ def test_mean_is_rotated_eigen_mean(evon_state, problem):
 def test_bases_are_orthonormal_and_returned(evon_state):
   bases = posterior.bases(evon_state)
   assert bases["w"].left.shape == (5, 5) and bases["w"].right.shape == (4, 4)
+  assert bases["k"].left.shape == (4, 4) and bases["k"].right.shape == (3, 3)
   assert bases["v"].left.shape == (6, 6) and bases["v"].right is None
   assert bases["s"] == evon_jax.KroneckerPair(None, None)
-  for name in ("w", "v"):
+  for name in ("w", "k", "v"):
     for q in bases[name]:
       if q is None:
         continue
@@ -258,6 +265,35 @@ def test_marginal_stddev_is_covariance_diagonal(evon_state):
                                np.diag(_f64(covariance[name])), rtol=1e-5)
 
 
+def test_one_sided_basis_state():
+  """A (5, 4) leaf with max_precond_dim=4 keeps Q_L = identity (None) and rotates columns;
+  the state is filled by hand (random Q_R, H, M°), no training needed."""
+  rng = np.random.default_rng(11)
+  params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros((3,))}
+  state = evon_jax.evon(0.1, ess=7.0, hess_init=1.0, weight_decay=0.05,
+                        max_precond_dim=4).init(params)
+  assert state.bases["w"].left is None and state.bases["w"].right.shape == (4, 4)
+  q_right, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+  state = state._replace(
+      bases={"w": evon_jax.KroneckerPair(None, jnp.asarray(q_right, jnp.float32)),
+             "b": state.bases["b"]},
+      hessian={"w": jnp.asarray(rng.uniform(0.1, 3.0, (5, 4)), jnp.float32),
+               "b": jnp.asarray(rng.uniform(0.1, 3.0, 3), jnp.float32)},
+      mean={"w": jnp.asarray(rng.standard_normal((5, 4)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(3), jnp.float32)})
+  leaves = {name: Leaf(state, name) for name in ("w", "b")}
+  np.testing.assert_allclose(_f64(posterior.mean(state)["w"]), leaves["w"].mean,
+                             rtol=FLOAT32_RTOL, atol=1e-6)
+  for name, leaf in leaves.items():
+    np.testing.assert_allclose(_f64(posterior.covariance(state)[name]), leaf.covariance,
+                               rtol=FLOAT32_RTOL, atol=1e-7)
+    np.testing.assert_allclose(_f64(posterior.marginal_stddev(state)[name]).ravel(),
+                               np.sqrt(np.diag(leaf.covariance)), rtol=FLOAT32_RTOL)
+  cov = _block_diagonal([leaves["w"].covariance, leaves["b"].covariance])
+  np.testing.assert_allclose(float(posterior.entropy(state)), _gaussian_entropy(cov),
+                             rtol=FLOAT32_RTOL, atol=1e-4)
+
+
 def test_covariance_max_size(evon_state):
   with pytest.raises(ValueError, match="max_size"):
     posterior.covariance(evon_state, max_size=19)  # w has 20 entries
@@ -279,9 +315,10 @@ def test_sample_moments(evon_state):
   Tolerance: 5 Monte-Carlo standard errors per entry. With N draws the sample mean of
   coordinate i has SE sqrt(Σ_ii / N); for a Gaussian the sample covariance entry (i, j) has
   SE sqrt((Σ_ii Σ_jj + Σ_ij²) / N). A |z| > 5 deviation has probability 5.7e-7 per entry, so
-  over the ~1000 entries checked a correct implementation fails with probability < 1e-3 for
-  a random seed (the seed here is fixed, so the test is deterministic). Float32 errors
-  (~1e-7 relative) are far below one SE (~0.7% of σ).
+  over the ~1900 entries checked (43 coordinates, 43² covariances) a correct implementation
+  fails with probability ~1e-3 for a random seed (the seed here is fixed, so the test is
+  deterministic); a wrong rotation, a transposed Kronecker order or a wrong variance scale
+  moves entries by many SE. Float32 errors (~1e-7 relative) are far below one SE (~0.7% of σ).
   """
   n = 20000
   samples = posterior.sample(jax.random.key(0), evon_state, num_samples=n)
@@ -427,16 +464,26 @@ def _check_all_functions(state, inner, names):
 
 # Each wrapper, with the path to its inner state (to swap in the trained EVON state: this
 # tests the search without compiling one training loop per wrapper).
+def _inject_evon():
+  return optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)(
+      0.05, **EVON_HYPER)
+
+
+def _partition(evon_tx):
+  return optax.partition({"evon": evon_tx, "other": optax.adam(1e-2)}, _matrix_labels)
+
+
 WRAPPERS = {
     "chain": (lambda: optax.chain(optax.clip(1.0), evon_jax.evon(0.05, **EVON_HYPER)),
               lambda s, inner: (s[0], inner)),
-    "inject_hyperparams": (
-        lambda: optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)(
-            0.05, **EVON_HYPER),
-        lambda s, inner: s._replace(inner_state=inner)),
+    "inject_hyperparams": (_inject_evon, lambda s, inner: s._replace(inner_state=inner)),
     "multi_steps": (
         lambda: optax.MultiSteps(evon_jax.evon(0.05, **EVON_HYPER), every_k_schedule=2),
         lambda s, inner: s._replace(inner_opt_state=inner)),
+    "partition": (
+        lambda: _partition(evon_jax.evon(0.05, **EVON_HYPER)),
+        lambda s, inner: s._replace(inner_states={
+            **s.inner_states, "evon": s.inner_states["evon"]._replace(inner_state=inner)})),
 }
 
 
@@ -448,31 +495,19 @@ def test_posterior_through_wrapper(wrapper, problem, evon_state):
   _check_all_functions(state, evon_state, NAMES)
 
 
-def test_posterior_after_training_nested_wrappers(problem):
-  """A real run through MultiSteps(chain(clip, inject_hyperparams(evon)))."""
+def test_posterior_after_training_through_all_wrappers(problem):
+  """A real run through MultiSteps(chain(clip, partition(inject_hyperparams(evon), adam))):
+  EVON on the matrices, Adam elsewhere, so the EVON state holds masked (empty) leaves."""
   loss, params = problem
-  inner_tx = optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)(
-      0.05, **EVON_HYPER)
-  tx = optax.MultiSteps(optax.chain(optax.clip(1.0), inner_tx), every_k_schedule=2)
+  tx = optax.MultiSteps(optax.chain(optax.clip(1.0), _partition(_inject_evon())),
+                        every_k_schedule=2)
   state = train(tx, loss, params, steps=8)
-  inner = state.inner_opt_state[1].inner_state
+  inner = state.inner_opt_state[1].inner_states["evon"].inner_state.inner_state
   assert isinstance(inner, evon_jax.EvonState)
   assert int(inner.count) == 4  # the engine really stepped (once per 2 calls)
-  _check_all_functions(state, inner, NAMES)
-
-
-def test_posterior_after_training_partition(problem):
-  """EVON on the matrix, Adam elsewhere: the EVON state holds masked (empty) leaves."""
-  loss, params = problem
-  tx = optax.partition({"evon": evon_jax.evon(0.05, **EVON_HYPER),
-                        "other": optax.adam(1e-2)}, _matrix_labels)
-  state = train(tx, loss, params, steps=6)
-  inner = state.inner_states["evon"].inner_state
-  assert isinstance(inner, evon_jax.EvonState)
-  assert int(inner.count) == 6
-  _check_all_functions(state, inner, ("w",))
+  _check_all_functions(state, inner, ("w", "k"))
   mean = posterior.mean(state)
-  assert set(k for k in mean if not isinstance(mean[k], optax.MaskedNode)) == {"w"}
+  assert {k for k in mean if not isinstance(mean[k], optax.MaskedNode)} == {"w", "k"}
 
 
 def _block_diagonal(blocks):

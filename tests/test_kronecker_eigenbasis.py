@@ -1,0 +1,336 @@
+"""Unit tests of evon_jax.kronecker, evon_jax.eigenbasis and evon_jax.whitening against NumPy.
+
+Tolerances. Inputs are O(1) float32 matrices of side <= 6, so a product of two or three of
+them carries a relative error of a few float32 ulp; we allow 1e-5 (absolute, on O(1) values).
+Newton–Schulz: see `test_newton_schulz_commutes_with_rotations`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evon_jax import eigenbasis, kronecker, whitening
+from evon_jax._layout import leaf_layout
+from evon_jax.kronecker import KroneckerPair
+
+ATOL = 1e-5
+
+
+def _orthogonal(rng, n):
+  q, r = np.linalg.qr(rng.standard_normal((n, n)))
+  return q * np.sign(np.diag(r))
+
+
+def _f64(x):
+  return np.asarray(x, np.float64)
+
+
+def _f32(x):
+  return jnp.asarray(x, jnp.float32)
+
+
+def _basis(rng, rows, cols, sides):
+  left = _orthogonal(rng, rows) if "L" in sides else None
+  right = _orthogonal(rng, cols) if "R" in sides else None
+  return left, right
+
+
+def _pair(left, right):
+  return KroneckerPair(None if left is None else _f32(left), None if right is None else _f32(right))
+
+
+def _dense(q, n):
+  return np.eye(n) if q is None else q
+
+
+# ----------------------------------------------------------------------------------------------
+# kronecker
+
+
+@pytest.mark.parametrize("sides", ["LR", "L", "R", ""])
+def test_rotate_in_out(sides):
+  rng = np.random.default_rng(0)
+  left, right = _basis(rng, 5, 4, sides)
+  basis = _pair(left, right)
+  x = rng.standard_normal((5, 4))
+  ql, qr = _dense(left, 5), _dense(right, 4)
+
+  rotated = kronecker.rotate_in(_f32(x), basis)
+  np.testing.assert_allclose(_f64(rotated), ql.T @ x @ qr, atol=ATOL)
+  back = kronecker.rotate_out(rotated, basis)
+  np.testing.assert_allclose(_f64(back), x, atol=ATOL)
+  np.testing.assert_allclose(_f64(kronecker.rotate_out(_f32(x), basis)), ql @ x @ qr.T,
+                             atol=ATOL)
+  np.testing.assert_allclose(
+      _f64(kronecker.rotate_in(kronecker.rotate_out(_f32(x), basis), basis)), x, atol=ATOL)
+
+  # A leading batch axis is rotated slice by slice.
+  batch = rng.standard_normal((3, 5, 4))
+  out = _f64(kronecker.rotate_out(_f32(batch), basis))
+  for i in range(3):
+    np.testing.assert_allclose(out[i], ql @ batch[i] @ qr.T, atol=ATOL)
+
+
+@pytest.mark.parametrize("sides", ["LR", "L", "R"])
+def test_change_basis_keeps_parameter_value(sides):
+  rng = np.random.default_rng(1)
+  old_l, old_r = _basis(rng, 5, 4, sides)
+  new_l, new_r = _basis(rng, 5, 4, sides)
+  old, new = _pair(old_l, old_r), _pair(new_l, new_r)
+  x = rng.standard_normal((2, 5, 4))  # a stack of buffers (momentum, mean)
+  moved = _f64(kronecker.change_basis(_f32(x), old, new))
+  for i in range(2):
+    value = _dense(old_l, 5) @ x[i] @ _dense(old_r, 4).T
+    np.testing.assert_allclose(_dense(new_l, 5) @ moved[i] @ _dense(new_r, 4).T, value,
+                               atol=ATOL)
+    np.testing.assert_allclose(moved[i], _dense(new_l, 5).T @ value @ _dense(new_r, 4),
+                               atol=ATOL)
+
+
+def test_factor_statistics_and_ema():
+  rng = np.random.default_rng(2)
+  layout = leaf_layout((5, 4), jnp.float32, max_precond_dim=100, precondition_1d=False)
+  g = rng.standard_normal((5, 4))
+  stats = kronecker.factor_statistics(_f32(g), layout)
+  np.testing.assert_allclose(_f64(stats.left), g @ g.T, rtol=1e-6, atol=ATOL)
+  np.testing.assert_allclose(_f64(stats.right), g.T @ g, rtol=1e-6, atol=ATOL)
+
+  stack = rng.standard_normal((3, 5, 4))
+  mean_stats = kronecker.mean_factor_statistics(_f32(stack), layout)
+  np.testing.assert_allclose(_f64(mean_stats.left),
+                             np.mean([s @ s.T for s in stack], axis=0), atol=ATOL)
+  np.testing.assert_allclose(_f64(mean_stats.right),
+                             np.mean([s.T @ s for s in stack], axis=0), atol=ATOL)
+
+  old = KroneckerPair(_f32(np.eye(5)), _f32(np.eye(4)))
+  updated = kronecker.ema(old, stats, 0.9)
+  np.testing.assert_allclose(_f64(updated.left), 0.9 * np.eye(5) + 0.1 * g @ g.T, atol=ATOL)
+  np.testing.assert_allclose(_f64(updated.right), 0.9 * np.eye(4) + 0.1 * g.T @ g, atol=ATOL)
+
+  # A one-sided layout (the column side is too long) keeps the identity side None.
+  one_sided = leaf_layout((5, 4), jnp.float32, max_precond_dim=4, precondition_1d=False)
+  assert not one_sided.left and one_sided.right  # 5 rows > max_precond_dim = 4
+  stats = kronecker.factor_statistics(_f32(g), one_sided)
+  assert stats.left is None
+  np.testing.assert_allclose(_f64(stats.right), g.T @ g, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# eigenbasis
+
+
+def _symmetric_with_spectrum(rng, eigenvalues):
+  q = _orthogonal(rng, len(eigenvalues))
+  return q @ np.diag(eigenvalues) @ q.T
+
+
+def test_eigh_descending():
+  rng = np.random.default_rng(3)
+  a = rng.standard_normal((6, 6))
+  a = a @ a.T
+  q = _f64(eigenbasis.eigh_descending(_f32(a)))
+  np.testing.assert_allclose(q.T @ q, np.eye(6), atol=ATOL)
+  rayleigh = q.T @ a @ q
+  scale = np.abs(a).max()
+  np.testing.assert_allclose(rayleigh, np.diag(np.diag(rayleigh)), atol=1e-5 * scale)
+  diagonal = np.diag(rayleigh)
+  assert np.all(np.diff(diagonal) <= 1e-5 * scale), diagonal
+  np.testing.assert_allclose(diagonal, np.sort(np.linalg.eigvalsh(a))[::-1], atol=1e-5 * scale)
+
+
+def test_power_qr_orthonormal_and_spans_factor_times_basis():
+  rng = np.random.default_rng(4)
+  factor = _symmetric_with_spectrum(rng, [5.0, 3.0, 2.0, 1.0, 0.5])
+  basis = _orthogonal(rng, 5)
+  q = _f64(eigenbasis.power_qr(_f32(factor), _f32(basis)))
+  np.testing.assert_allclose(q.T @ q, np.eye(5), atol=ATOL)
+  # Q R = F Q_old with R upper triangular: Q spans F Q_old column by column.
+  r = q.T @ factor @ basis
+  np.testing.assert_allclose(np.tril(r, -1), 0, atol=1e-5 * np.abs(r).max())
+  np.testing.assert_allclose(q @ r, factor @ basis, atol=1e-5 * np.abs(factor).max())
+
+
+def test_power_qr_rank_deficient_factor_stays_orthonormal():
+  """The first factor is (1 - b) g gᵀ, of rank one: Q must still be orthonormal and keep
+  F Q_old in its span."""
+  rng = np.random.default_rng(12)
+  g = rng.standard_normal((5, 1))
+  factor = g @ g.T
+  basis = _orthogonal(rng, 5)
+  q = _f64(eigenbasis.power_qr(_f32(factor), _f32(basis)))
+  assert np.all(np.isfinite(q))
+  np.testing.assert_allclose(q.T @ q, np.eye(5), atol=ATOL)
+  np.testing.assert_allclose(q @ (q.T @ factor @ basis), factor @ basis,
+                             atol=1e-5 * float(np.sum(g * g)))
+
+
+def test_power_qr_fixed_point_is_eigenbasis():
+  rng = np.random.default_rng(5)
+  eigenvalues = [5.0, 3.0, 2.0, 1.0]
+  vectors = _orthogonal(rng, 4)
+  factor = vectors @ np.diag(eigenvalues) @ vectors.T
+  q = _f64(eigenbasis.power_qr(_f32(factor), _f32(vectors)))
+  # Same columns up to sign.
+  np.testing.assert_allclose(np.abs(np.sum(q * vectors, axis=0)), 1.0, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", [eigenbasis.POWER_QR, eigenbasis.EIGH])
+def test_refresh_moves_buffers_and_keeps_their_value(kind):
+  rng = np.random.default_rng(6)
+  old_l, old_r = _orthogonal(rng, 5), _orthogonal(rng, 4)
+  factors = KroneckerPair(_f32(_symmetric_with_spectrum(rng, [6.0, 4.0, 3.0, 2.0, 1.0])),
+                          _f32(_symmetric_with_spectrum(rng, [4.0, 2.0, 1.5, 1.0])))
+  buffers = [rng.standard_normal((5, 4)) for _ in range(2)]
+  basis, moved = eigenbasis.refresh(jnp.asarray(kind, jnp.int32), factors,
+                                    _pair(old_l, old_r), tuple(_f32(b) for b in buffers))
+  new_l, new_r = _f64(basis.left), _f64(basis.right)
+  np.testing.assert_allclose(new_l.T @ new_l, np.eye(5), atol=ATOL)
+  np.testing.assert_allclose(new_r.T @ new_r, np.eye(4), atol=ATOL)
+  assert not np.allclose(new_l, old_l, atol=1e-2)
+  for b, m in zip(buffers, moved):
+    np.testing.assert_allclose(new_l @ _f64(m) @ new_r.T, old_l @ b @ old_r.T, atol=ATOL)
+  if kind == eigenbasis.EIGH:
+    rayleigh = new_l.T @ _f64(factors.left) @ new_l
+    np.testing.assert_allclose(rayleigh, np.diag([6.0, 4.0, 3.0, 2.0, 1.0]), atol=1e-4)
+
+
+def test_refresh_keep_changes_nothing():
+  rng = np.random.default_rng(7)
+  basis = _pair(_orthogonal(rng, 5), _orthogonal(rng, 4))
+  factors = KroneckerPair(_f32(np.eye(5)), _f32(np.eye(4)))
+  buffer = _f32(rng.standard_normal((5, 4)))
+  new_basis, (moved,) = eigenbasis.refresh(jnp.asarray(eigenbasis.KEEP, jnp.int32), factors,
+                                           basis, (buffer,))
+  np.testing.assert_array_equal(np.asarray(new_basis.left), np.asarray(basis.left))
+  np.testing.assert_array_equal(np.asarray(new_basis.right), np.asarray(basis.right))
+  np.testing.assert_array_equal(np.asarray(moved), np.asarray(buffer))
+
+
+@pytest.mark.parametrize("kind", [eigenbasis.POWER_QR, eigenbasis.EIGH])
+def test_refresh_with_nan_factor_keeps_previous_basis(kind):
+  rng = np.random.default_rng(8)
+  old_l, old_r = _orthogonal(rng, 5), _orthogonal(rng, 4)
+  bad_left = _symmetric_with_spectrum(rng, [6.0, 4.0, 3.0, 2.0, 1.0])
+  bad_left[1, 2] = bad_left[2, 1] = np.nan
+  good_right = _symmetric_with_spectrum(rng, [4.0, 2.0, 1.5, 1.0])
+  buffer = rng.standard_normal((5, 4))
+  basis, (moved,) = eigenbasis.refresh(
+      jnp.asarray(kind, jnp.int32), KroneckerPair(_f32(bad_left), _f32(good_right)),
+      _pair(old_l, old_r), (_f32(buffer),))
+  # The NaN side keeps its basis; the healthy side is refreshed; all finite.
+  np.testing.assert_allclose(_f64(basis.left), old_l, atol=1e-7)
+  assert not np.allclose(_f64(basis.right), old_r, atol=1e-2)
+  assert np.all(np.isfinite(_f64(moved)))
+  new_r = _f64(basis.right)
+  np.testing.assert_allclose(old_l @ _f64(moved) @ new_r.T, old_l @ buffer @ old_r.T,
+                             atol=ATOL)
+
+  # Both sides NaN: nothing moves.
+  bad_right = good_right.copy()
+  bad_right[0, 0] = np.nan
+  basis, (moved,) = eigenbasis.refresh(
+      jnp.asarray(kind, jnp.int32), KroneckerPair(_f32(bad_left), _f32(bad_right)),
+      _pair(old_l, old_r), (_f32(buffer),))
+  np.testing.assert_allclose(_f64(basis.left), old_l, atol=1e-7)
+  np.testing.assert_allclose(_f64(basis.right), old_r, atol=1e-7)
+  np.testing.assert_allclose(_f64(moved), buffer, atol=ATOL)
+
+
+def test_refresh_kind_schedule():
+  kinds = [int(eigenbasis.refresh_kind(jnp.asarray(step == 0), jnp.asarray(step), 3, 0,
+                                       "power_qr")) for step in range(7)]
+  p, k, e = eigenbasis.POWER_QR, eigenbasis.KEEP, eigenbasis.EIGH
+  assert kinds == [e, k, k, p, k, k, p]
+  assert int(eigenbasis.refresh_kind(jnp.asarray(False), jnp.asarray(3), 3, 0, "eigh")) == e
+  # An offset shifts the period (stagger_refresh).
+  assert int(eigenbasis.refresh_kind(jnp.asarray(False), jnp.asarray(2), 3, 1, "power_qr")) == p
+
+
+def test_refresh_is_a_no_op_without_bases():
+  buffer = _f32(np.ones((3, 1)))
+  basis, (moved,) = eigenbasis.refresh(jnp.asarray(eigenbasis.EIGH, jnp.int32),
+                                       KroneckerPair(None, None), KroneckerPair(None, None),
+                                       (buffer,))
+  assert basis == KroneckerPair(None, None)
+  np.testing.assert_array_equal(np.asarray(moved), np.asarray(buffer))
+
+
+# ----------------------------------------------------------------------------------------------
+# whitening
+
+
+def _newton_schulz_numpy(x, steps=5):
+  """The quintic iteration of ALGORITHM.md in float64 (independent re-implementation)."""
+  a, b, c = 3.4445, -4.7750, 2.0315
+  transpose = x.shape[0] > x.shape[1]
+  if transpose:
+    x = x.T
+  x = x / (np.linalg.norm(x) + 1e-7)
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x.T if transpose else x
+
+
+# Float32 tolerance for Newton–Schulz: each of the 5 iterations applies the odd quintic
+# p(s) = a s + b s³ + c s⁵ to the singular values, whose derivative is at most |a| = 3.44 on
+# [0, 1.2]; a rounding error therefore grows by at most 3.44⁵ ≈ 480 over the iteration. Each
+# step's products (inner dimension <= 6) add ~6 ulp ≈ 7e-7, so the worst case is
+# ≈ 480 x 7e-7 ≈ 3.4e-4 on O(1) entries; we allow 5e-4.
+NS_ATOL = 5e-4
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (4, 6), (3, 3)])
+def test_newton_schulz_matches_numpy_and_commutes_with_rotations(shape):
+  rng = np.random.default_rng(9)
+  x = rng.standard_normal(shape)
+  a, b = _orthogonal(rng, shape[0]), _orthogonal(rng, shape[1])
+  ns_x = _f64(whitening.newton_schulz(_f32(x)))
+  np.testing.assert_allclose(ns_x, _newton_schulz_numpy(x), atol=NS_ATOL)
+  rotated = _f64(whitening.newton_schulz(_f32(a @ x @ b)))
+  np.testing.assert_allclose(rotated, a @ ns_x @ b, atol=NS_ATOL)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape", [(5, 4), (4, 6), (6, 6), (2, 6)])
+def test_newton_schulz_singular_values(seed, shape):
+  """Five quintic steps map every singular value σ >= 1.31e-3 ‖X‖_F into [0.6, 1.21].
+
+  (Iterating the scalar map p five times from s0 = σ/‖X‖_F: below s0 ≈ 1.3e-3 the growth
+  factor p'(0)⁵ = 3.44⁵ ≈ 480 is not enough to reach 0.6 — e.g. a random Gaussian 6x6 matrix
+  can have σ_min / ‖X‖_F ~ 1e-3 — so the spectrum is drawn with a bounded condition number.)
+  """
+  rng = np.random.default_rng(100 + seed)
+  k = min(shape)
+  spectrum = 10.0 ** rng.uniform(-2, 0, size=k)  # condition number <= 100
+  spectrum[0] = 1.0
+  assert spectrum.min() / np.linalg.norm(spectrum) > 1.31e-3 * 1.2
+  u, _ = np.linalg.qr(rng.standard_normal((shape[0], k)))
+  v, _ = np.linalg.qr(rng.standard_normal((shape[1], k)))
+  x = (u * spectrum) @ v.T * 10.0 ** rng.uniform(-3, 3)  # the overall scale must not matter
+  singular_values = np.linalg.svd(_f64(whitening.newton_schulz(_f32(x))), compute_uv=False)
+  assert singular_values.min() >= 0.6 and singular_values.max() <= 1.3, singular_values
+
+
+def test_whiten_vector_is_l2_normalisation():
+  rng = np.random.default_rng(10)
+  v = rng.standard_normal(6)
+  layout = leaf_layout((6,), jnp.float32, max_precond_dim=100, precondition_1d=True)
+  out = _f64(whitening.whiten(_f32(v.reshape(6, 1)), layout))
+  np.testing.assert_allclose(out.ravel(), v / np.linalg.norm(v), rtol=1e-6, atol=1e-7)
+  # The scalar case: a sign.
+  scalar = leaf_layout((), jnp.float32, max_precond_dim=100, precondition_1d=True)
+  np.testing.assert_allclose(_f64(whitening.whiten(_f32([[-0.3]]), scalar)), [[-1.0]],
+                             rtol=1e-5)
+  # A matrix leaf goes through Newton–Schulz instead.
+  matrix = leaf_layout((5, 4), jnp.float32, max_precond_dim=100, precondition_1d=False)
+  x = rng.standard_normal((5, 4))
+  np.testing.assert_allclose(_f64(whitening.whiten(_f32(x), matrix)), _newton_schulz_numpy(x),
+                             atol=NS_ATOL)
+  # Norms are rotation invariant: L2 normalisation commutes with an orthogonal map.
+  q = _orthogonal(rng, 6)
+  rotated = _f64(whitening.whiten(_f32((q @ v).reshape(6, 1)), layout)).ravel()
+  np.testing.assert_allclose(rotated, q @ (v / np.linalg.norm(v)), atol=1e-6)
