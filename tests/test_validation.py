@@ -1,0 +1,130 @@
+"""Invalid hyperparameters and misuse fail early, with a ValueError that names the culprit."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import evon_jax
+
+_FACTORIES = {
+    'evon': lambda **kw: evon_jax.evon(**{'learning_rate': 0.1, 'ess': 100.0,
+                                          'hess_init': 1.0, **kw}),
+    'ivon': lambda **kw: evon_jax.ivon(**{'learning_rate': 0.1, 'ess': 100.0, **kw}),
+    'soap': lambda **kw: evon_jax.soap(**{'learning_rate': 0.1, **kw}),
+    'scale_by_soap': lambda **kw: evon_jax.scale_by_soap(**kw),
+}
+_BAYESIAN = ('evon', 'ivon')
+_SOAPS = ('soap', 'scale_by_soap')
+
+
+def _invalid(names, argument, values):
+  return [pytest.param(name, argument, value, id=f'{name}-{argument}={value!r}')
+          for name in names for value in values]
+
+
+_INVALID = (
+    _invalid(_BAYESIAN, 'ess', [0.0, -1.0, math.inf, math.nan])
+    + _invalid(_BAYESIAN, 'hess_init', [0.0, -0.5, math.inf])
+    + _invalid(_BAYESIAN + _SOAPS, 'b1', [-0.1, 1.0, 1.5, math.nan])
+    + _invalid(_BAYESIAN + _SOAPS, 'b2', [-0.1, 1.0, 2.0])
+    + _invalid(('evon',) + _SOAPS, 'shampoo_b', [-0.1, 1.0])
+    + _invalid(('evon',) + _SOAPS, 'precondition_frequency', [0, -3, 2.5, 10.0, True, None])
+    + _invalid(('evon',) + _SOAPS, 'max_precond_dim', [-1, 1.5, None])
+    + _invalid(_BAYESIAN, 'mc_samples', [0, -1, 1.5, 2.0])
+    + _invalid(_BAYESIAN + ('soap',), 'weight_decay', [-1e-4, math.inf])
+    + _invalid(_BAYESIAN + ('soap',), 'learning_rate', [-0.1, math.nan])
+    + _invalid(_BAYESIAN, 'clip_radius', [0.0, -1.0])
+    + _invalid(('evon',) + _SOAPS, 'eps', [-1e-8])
+    + _invalid(('evon',), 'hess_clip_ratio', [0.0, -1.0])
+    + _invalid(('evon',), 'refresh_method', ['qr', 'EIGH', None])
+    + _invalid(('evon',), 'factor_gradient', ['regularised', ''])
+    + _invalid(('evon',), 'factor_statistic', ['per-sample', 'mean'])
+)
+
+
+@pytest.mark.parametrize('name, argument, value', _INVALID)
+def test_invalid_hyperparameter_raises_at_construction(name, argument, value):
+  with pytest.raises(ValueError, match=argument):
+    _FACTORIES[name](**{argument: value})
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('evon', dict(b1=0.0, b2=0.0, shampoo_b=0.0, weight_decay=0.0, learning_rate=0.0,
+                  eps=0.0, max_precond_dim=0, precondition_frequency=1, clip_radius=math.inf,
+                  hess_clip_ratio=None, refresh_method='eigh', factor_gradient='regularized',
+                  factor_statistic='per_sample')),
+    ('evon', dict(ess=7, mc_samples=np.int64(3), precondition_frequency=np.int32(5))),
+    ('ivon', dict(b1=0.0, clip_radius=1e-3, weight_decay=0.0, mc_samples=1)),
+    ('soap', dict(b1=0.0, b2=0.0, eps=0.0, weight_decay=0.0, max_precond_dim=0)),
+])
+def test_boundary_values_are_accepted(name, kwargs):
+  _FACTORIES[name](**kwargs)
+
+
+def test_learning_rate_schedule_is_accepted():
+  for name in ('evon', 'ivon', 'soap'):
+    _FACTORIES[name](learning_rate=lambda count: 0.1 / (1 + count))
+
+
+@pytest.mark.parametrize('name', _BAYESIAN + ('soap',))
+def test_update_without_params_raises(name):
+  tx = _FACTORIES[name]()
+  params = {'w': jnp.zeros((2, 3))}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match='params'):
+    tx.update(params, state)
+  with pytest.raises(ValueError, match='params'):
+    tx.update(params, state, None)
+
+
+_WRONG_SHAPES = (
+    {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(3)},  # transposed
+    {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(4)},  # wrong length
+    {'w': jnp.zeros((6,)), 'b': jnp.zeros(3)},    # right size, wrong shape
+)
+
+
+@pytest.mark.parametrize('name', _BAYESIAN)
+def test_gradients_of_the_wrong_shape_raise(name):
+  tx = _FACTORIES[name]()
+  params = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)}
+  state = tx.init(params)
+  for grads in _WRONG_SHAPES:
+    with pytest.raises(ValueError, match='shape'):
+      tx.update(grads, state, params)
+
+
+def test_soap_gradients_of_the_wrong_shape_raise():
+  # scale_by_soap does not check shapes itself: the error comes from inside (a TypeError from
+  # a matmul or reshape), but none of these passes silently.
+  tx = evon_jax.soap(0.1)
+  params = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)}
+  state = tx.init(params)
+  for grads in _WRONG_SHAPES:
+    with pytest.raises((TypeError, ValueError)):
+      tx.update(grads, state, params)
+
+
+@pytest.mark.parametrize('name', _BAYESIAN)
+def test_explicit_mode_needs_one_gradient_per_training_sample(name):
+  tx = _FACTORIES[name](mc_samples=2, drop_in=False)
+  params = {'w': jnp.zeros((2, 3))}
+  state = tx.init(params)
+  for grads in ({'w': jnp.zeros((2, 3))},        # no sample axis
+                {'w': jnp.zeros((3, 2, 3))},     # three samples, not two
+                {'w': jnp.zeros((2, 3, 2))}):    # sample axis, wrong leaf shape
+    with pytest.raises(ValueError, match='drop_in=False'):
+      tx.update(grads, state, params)
+
+
+@pytest.mark.parametrize('name', _BAYESIAN)
+def test_gradients_of_a_different_tree_raise(name):
+  tx = _FACTORIES[name]()
+  params = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError):
+    tx.update({'w': jnp.zeros((2, 3))}, state, params)
