@@ -5,19 +5,24 @@ baseline) and the `scale_by_soap` piece. `evon_jax.posterior` reads the posterio
 optimizer state; `training_samples` serves explicit (mean-in-the-loop) training.
 """
 
-from evon_jax import eigenbasis, ivon_step, kronecker, posterior, whitening
+from evon_jax import (
+    eigenbasis, ivon_step, kronecker, metrics, noise, posterior, predictive, whitening)
 from evon_jax._evon import EvonState, SampleStatistics, training_samples
 from evon_jax._optimizers import evon, ivon
 from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
 from evon_jax.kronecker import KroneckerPair
 
-# Arguments that fix shapes or branches: pass them as `static_args` to optax.inject_hyperparams.
+# Arguments that fix shapes or branches: pass them as `static_args` to optax.inject_hyperparams
+# (e.g. `optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)`).
 STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "mc_samples", "key")
+IVON_STATIC_ARGS = ("mc_samples", "key")
+SOAP_STATIC_ARGS = ("precondition_frequency", "max_precond_dim")
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EvonState", "KroneckerPair", "SampleStatistics", "ScaleBySoapState", "STATIC_ARGS",
+    "EvonState", "IVON_STATIC_ARGS", "KroneckerPair", "SOAP_STATIC_ARGS", "SampleStatistics",
+    "ScaleBySoapState", "STATIC_ARGS", "metrics", "noise", "predictive",
     "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "posterior", "scale_by_soap",
     "soap", "training_samples", "whitening",
 ]

@@ -20,8 +20,8 @@ import optax
 from evon_jax import eigenbasis, ivon_step, noise, whitening
 from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
 from evon_jax.kronecker import (
-    KroneckerPair, empty_pair, ema, factor_statistics, mean_factor_statistics, rotate_in,
-    rotate_out)
+    KroneckerPair, empty_pair, ema, factor_statistics, mean_factor_statistics,
+    pairs_to_storage, rotate_in, rotate_out, storage_to_pairs)
 
 FactorGradient = Literal["loss", "regularized"]
 FactorStatistic = Literal["mean_gradient", "per_sample"]
@@ -55,12 +55,13 @@ class EvonState(NamedTuple):
     mean: posterior mean M° in eigen coordinates (parameter shapes).
     momentum: gradient momentum Ḡ in eigen coordinates.
     hessian: diagonal Hessian estimate H in eigen coordinates.
-    factors: per leaf, the Kronecker factors (L, R); `None` on identity sides.
-    bases: per leaf, the eigenbases (Q_L, Q_R); `None` on identity sides.
+    factors: Kronecker factors as KroneckerPair(left=tree, right=tree) of params-shaped
+      trees (zero-size arrays on identity sides); `kronecker.leaf_pairs` gives them per leaf.
+    bases: eigenbases (Q_L, Q_R), stored like `factors`.
     ess: effective sample size used by the last call (read by `evon_jax.posterior`).
     weight_decay: prior precision per example delta used by the last call.
-    accumulator: sums of sample statistics over the calls of a step (mc_samples > 1 in
-      drop-in mode), else None.
+    accumulator: SampleStatistics of params-shaped trees summing the calls of a step
+      (mc_samples > 1 in drop-in mode), else None.
   """
 
   count: jax.Array
@@ -227,46 +228,117 @@ def _validate_grads_shape(grad, layout, config, leaf_index):
   return jnp.reshape(grad, (1, layout.rows, layout.cols))
 
 
-def _leaves(tree, treedef):
-  return treedef.flatten_up_to(tree)
+class _Leaf(NamedTuple):
+  """One trainable leaf's posterior in matrix views (eigen coordinates)."""
+
+  mean: jax.Array
+  momentum: jax.Array
+  hessian: jax.Array
+  factors: KroneckerPair
+  basis: KroneckerPair
+
+
+_FROZEN = jnp.zeros((0,), jnp.float32)  # placeholder for integer / empty leaves
+
+
+def _empty_side():
+  return jnp.zeros((0, 0), jnp.float32)
+
+
+# ----------------------------------------------------------------------------- state <-> leaves
+
+
+def _unpack(state: EvonState, treedef, layouts) -> list[Optional[_Leaf]]:
+  """Per-leaf matrix views of the state; None for frozen leaves."""
+  columns = zip(
+      treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.momentum),
+      treedef.flatten_up_to(state.hessian), storage_to_pairs(state.factors, treedef),
+      storage_to_pairs(state.bases, treedef))
+  return [
+      _Leaf(as_matrix(m, layout), as_matrix(g, layout), as_matrix(h, layout), f, q)
+      if layout.trainable else None
+      for layout, (m, g, h, f, q) in zip(layouts, columns)]
+
+
+def _pack(leaves, frozen_means, treedef, layouts):
+  """The state fields (mean, momentum, hessian, factors, bases) from per-leaf views."""
+  def field(get, frozen):
+    return treedef.unflatten([
+        from_matrix(get(leaf), layout) if layout.trainable else frozen(i)
+        for i, (leaf, layout) in enumerate(zip(leaves, layouts))])
+
+  pairs = lambda get: pairs_to_storage(
+      [get(leaf) if leaf is not None else KroneckerPair(None, None) for leaf in leaves],
+      treedef)
+  return dict(
+      mean=field(lambda l: l.mean, lambda i: frozen_means[i]),
+      momentum=field(lambda l: l.momentum, lambda i: _FROZEN),
+      hessian=field(lambda l: l.hessian, lambda i: _FROZEN),
+      factors=pairs(lambda l: l.factors),
+      bases=pairs(lambda l: l.basis))
+
+
+def _statistics_to_storage(stats, treedef) -> SampleStatistics:
+  """Per-leaf SampleStatistics (None for frozen leaves) -> SampleStatistics of trees."""
+  first = next(s for s in stats if s is not None)
+  arrays = lambda get: treedef.unflatten(
+      [_empty_side() if s is None else get(s) for s in stats])
+  return SampleStatistics(
+      rotated_grad=arrays(lambda s: s.rotated_grad),
+      normal_times_grad=arrays(lambda s: s.normal_times_grad),
+      factor_grad=None if first.factor_grad is None else arrays(lambda s: s.factor_grad),
+      factor_outer=None if first.factor_outer is None else pairs_to_storage(
+          [KroneckerPair(None, None) if s is None else s.factor_outer for s in stats],
+          treedef))
+
+
+def _storage_to_statistics(stored: SampleStatistics, treedef, layouts):
+  columns = [treedef.flatten_up_to(stored.rotated_grad),
+             treedef.flatten_up_to(stored.normal_times_grad)]
+  factor_grads = (treedef.flatten_up_to(stored.factor_grad)
+                  if stored.factor_grad is not None else [None] * len(layouts))
+  outers = (storage_to_pairs(stored.factor_outer, treedef)
+            if stored.factor_outer is not None else [None] * len(layouts))
+  return [SampleStatistics(r, z, g, o) if layout.trainable else None
+          for layout, r, z, g, o in zip(layouts, *columns, factor_grads, outers)]
+
+
+# ----------------------------------------------------------------------------- init
 
 
 def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonState:
   leaves, treedef = jax.tree.flatten(params)
-  means, momenta, hessians, factors, bases, accumulators = [], [], [], [], [], []
-  for leaf in leaves:
-    leaf = jnp.asarray(leaf)
-    layout = config.layout(leaf)
+  leaves = [jnp.asarray(leaf) for leaf in leaves]
+  layouts = [config.layout(leaf) for leaf in leaves]
+  views, accumulators = [], []
+  for leaf, layout in zip(leaves, layouts):
     if not layout.trainable:
-      means.append(leaf)
-      momenta.append(jnp.zeros((0,), jnp.float32))
-      hessians.append(jnp.zeros((0,), jnp.float32))
-      factors.append(KroneckerPair(None, None))
-      bases.append(KroneckerPair(None, None))
+      views.append(None)
       accumulators.append(None)
       continue
     dtype = state_dtype(leaf.dtype, config.dtype)
-    means.append(leaf.astype(dtype))
-    momenta.append(jnp.zeros(layout.shape, dtype))
-    hessians.append(jnp.full(layout.shape, hp.hess_init, dtype))
-    factors.append(empty_pair(layout, dtype, "zeros"))
-    bases.append(empty_pair(layout, dtype, "eye"))
-    accumulators.append(_zero_statistics(layout, config, dtype))
-  accumulate = config.drop_in and config.mc_samples > 1
-  unflatten = treedef.unflatten
+    zeros = jnp.zeros((layout.rows, layout.cols), dtype)
+    views.append(_Leaf(
+        mean=as_matrix(leaf, layout).astype(dtype),
+        momentum=zeros,
+        hessian=jnp.full((layout.rows, layout.cols), hp.hess_init, dtype),
+        factors=empty_pair(layout, dtype, "zeros"),
+        basis=empty_pair(layout, dtype, "eye")))
+    per_sample = config.factor_statistic == "per_sample"
+    accumulators.append(SampleStatistics(
+        rotated_grad=zeros, normal_times_grad=zeros,
+        factor_grad=None if per_sample else zeros,
+        factor_outer=empty_pair(layout, dtype, "zeros") if per_sample else None))
+  accumulate = config.drop_in and config.mc_samples > 1 and any(l.trainable for l in layouts)
   return EvonState(
       count=jnp.zeros([], jnp.int32),
       skipped=jnp.zeros([], jnp.int32),
       key=_as_typed_key(key),
       sample_noise=jnp.zeros([], jnp.float32),
-      mean=unflatten(means),
-      momentum=unflatten(momenta),
-      hessian=unflatten(hessians),
-      factors=unflatten(factors),
-      bases=unflatten(bases),
       ess=jnp.asarray(hp.ess, jnp.float32),
       weight_decay=jnp.asarray(hp.weight_decay, jnp.float32),
-      accumulator=unflatten(accumulators) if accumulate else None)
+      accumulator=_statistics_to_storage(accumulators, treedef) if accumulate else None,
+      **_pack(views, leaves, treedef, layouts))
 
 
 def _as_typed_key(key):
@@ -279,13 +351,7 @@ def _as_typed_key(key):
   return jax.random.key(key)
 
 
-def _zero_statistics(layout, config, dtype):
-  zeros = jnp.zeros((layout.rows, layout.cols), dtype)
-  per_sample = config.factor_statistic == "per_sample"
-  return SampleStatistics(
-      rotated_grad=zeros, normal_times_grad=zeros,
-      factor_grad=None if per_sample else zeros,
-      factor_outer=empty_pair(layout, dtype, "zeros") if per_sample else None)
+# ----------------------------------------------------------------------------- update
 
 
 def _learning_rate(hp: EvonHyperparams, step, config: EvonConfig):
@@ -306,132 +372,125 @@ def sample_eigen(mean, hessian, normal, noise_scale, ess, weight_decay):
   return mean + std * normal
 
 
-def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperparams):
+def _call_statistics(grads, params, state, views, layouts, config, hp):
+  """Monte-Carlo statistics of this call's gradient(s), per leaf (None when frozen)."""
   treedef = jax.tree.structure(state.mean)
-  means = _leaves(state.mean, treedef)
-  layouts = [config.layout(m) for m in means]
-  grad_leaves = _leaves(grads, treedef)
-  param_leaves = _leaves(params, treedef)
-  count = state.count
-  k = config.mc_samples
-  is_first = count == 0
-  noise_now = state.sample_noise
-
-  # 1. Monte-Carlo statistics of this call, per leaf.
   stats = []
-  for i, (layout, grad, param, mean, hessian, basis) in enumerate(zip(
-      layouts, grad_leaves, param_leaves, means, _leaves(state.hessian, treedef),
-      _leaves(state.bases, treedef))):
-    if not layout.trainable:
+  for i, (layout, view, grad, param) in enumerate(zip(
+      layouts, views, treedef.flatten_up_to(grads), treedef.flatten_up_to(params))):
+    if view is None:
       stats.append(None)
       continue
-    dtype = mean.dtype
+    dtype = view.mean.dtype
     grad_stack = _validate_grads_shape(jnp.asarray(grad), layout, config, i).astype(dtype)
-    samples = grad_stack.shape[0]
     normals = jnp.stack([
-        _standard_normal(state.key, s, i, layout, dtype) for s in range(samples)
-    ]) * noise_now.astype(dtype)
+        _standard_normal(state.key, s, i, layout, dtype) for s in range(grad_stack.shape[0])
+    ]) * state.sample_noise.astype(dtype)
+    thetas = None
     if config.factor_gradient == "regularized":
-      if config.drop_in:
+      if config.drop_in:  # the loop holds the sample itself
         thetas = as_matrix(jnp.asarray(param), layout).astype(dtype)[None]
       else:
         thetas = rotate_out(
-            sample_eigen(as_matrix(mean, layout), as_matrix(hessian, layout), normals, 1.0,
-                         hp.ess, hp.weight_decay), basis, config.rotation_precision)
-    else:
-      thetas = None
+            sample_eigen(view.mean, view.hessian, normals, 1.0, hp.ess, hp.weight_decay),
+            view.basis, config.rotation_precision)
     stats.append(_leaf_statistics(
-        grad_stack, thetas, normals, basis, layout, config, hp.weight_decay))
+        grad_stack, thetas, normals, view.basis, layout, config, hp.weight_decay))
+  return stats
 
-  # 2. Decide what this call does.
-  accumulate = config.drop_in and k > 1
-  if accumulate:
-    sums = [None if s is None else jax.tree.map(jnp.add, a, s)
-            for s, a in zip(stats, _leaves(state.accumulator, treedef))]
-    complete = is_first | ((count - 1) % k == k - 1)
-    # The first call stands alone (gradient at the mean); later steps average k calls.
-    divisor = jnp.where(is_first, 1.0, float(k))
-    stats = [None if s is None else jax.tree.map(lambda x: x / divisor, s) for s in sums]
-  else:
-    complete = jnp.asarray(True)
+
+def _accumulate(stats, state, treedef, layouts, config):
+  """Adds this call's statistics to the step's running sums (drop-in, mc_samples > 1).
+
+  Returns the statistics to step with (sums / k), whether this call completes a step, and
+  the accumulator to carry (zeroed after a completed step). The first call stands alone.
+  """
+  k = config.mc_samples
+  previous = _storage_to_statistics(state.accumulator, treedef, layouts)
+  sums = [None if s is None else jax.tree.map(jnp.add, a, s)
+          for s, a in zip(stats, previous)]
+  is_first = state.count == 0
+  complete = is_first | ((state.count - 1) % k == k - 1)
+  divisor = jnp.where(is_first, 1.0, float(k))
+  averaged = [None if s is None else jax.tree.map(lambda x: x / divisor, s) for s in sums]
+  carried = [None if s is None else jax.tree.map(
+      lambda x: jnp.where(complete, jnp.zeros_like(x), x), s) for s in sums]
+  return averaged, complete, _statistics_to_storage(carried, treedef)
+
+
+def _step_leaves(views, stats, layouts, count, config, hp):
+  """One real step for every trainable leaf (the first call only sets factors and bases)."""
+  is_first = count == 0
   step = jnp.where(is_first, 0, _real_step(jnp.maximum(count, 1), config))
   noisy_step = _noise_on(count, config)
   lr = _learning_rate(hp, jnp.maximum(step, 1), config)
-  factors_on = is_first | (~noisy_step if config.phasing else True)
   hessian_on = (~is_first) & noisy_step
+  new_views = []
+  for i, (layout, view, s) in enumerate(zip(layouts, views, stats)):
+    if view is None:
+      new_views.append(None)
+      continue
+    kind = eigenbasis.refresh_kind(
+        is_first, step, config.precondition_frequency, config.refresh_offset(i),
+        config.refresh_method)
+    factors_on = jnp.asarray(True)
+    if config.phasing:  # noisy phases update the factors only when a refresh needs them
+      factors_on = is_first | (~noisy_step) | (kind != eigenbasis.KEEP)
+    flags = (is_first, step, hessian_on, factors_on, kind, lr)
+    new_views.append(_Leaf(*_leaf_step(tuple(view), s, layout, config, hp, flags)))
+  return new_views
 
-  def take_step(_):
-    new_leaves = []
-    for i, (layout, s, leaf) in enumerate(zip(layouts, stats, zip(
-        means, _leaves(state.momentum, treedef), _leaves(state.hessian, treedef),
-        _leaves(state.factors, treedef), _leaves(state.bases, treedef)))):
-      if not layout.trainable:
-        new_leaves.append(leaf)
-        continue
-      kind = eigenbasis.refresh_kind(
-          is_first, step, config.precondition_frequency, config.refresh_offset(i),
-          config.refresh_method)
-      leaf_factors_on = factors_on
-      if config.phasing:
-        leaf_factors_on = leaf_factors_on | (kind != eigenbasis.KEEP)
-      matrices = (as_matrix(leaf[0], layout), as_matrix(leaf[1], layout),
-                  as_matrix(leaf[2], layout), leaf[3], leaf[4])
-      flags = (is_first, step, hessian_on, leaf_factors_on, kind, lr)
-      mean, momentum, hessian, factors, basis = _leaf_step(
-          matrices, s, layout, config, hp, flags)
-      new_leaves.append((from_matrix(mean, layout), from_matrix(momentum, layout),
-                         from_matrix(hessian, layout), factors, basis))
-    return new_leaves
 
-  def keep_state(_):
-    return [tuple(leaf) for leaf in zip(
-        means, _leaves(state.momentum, treedef), _leaves(state.hessian, treedef),
-        _leaves(state.factors, treedef), _leaves(state.bases, treedef))]
-
-  if accumulate:
-    new_leaves = jax.lax.cond(complete, take_step, keep_state, None)
-    zero = [None if s is None else jax.tree.map(jnp.zeros_like, s) for s in sums]
-    accumulator = treedef.unflatten([
-        None if s is None else jax.tree.map(lambda z, x: jnp.where(complete, z, x), z, x)
-        for s, z, x in zip(stats, zero, sums)])
-  else:
-    new_leaves = take_step(None)
-    accumulator = None
-
-  # 3. The parameters the loop evaluates next: a fresh sample (drop-in) or the mean.
-  next_key = jax.random.split(state.key)[0]
-  # The noise flag of the next call's sample; in explicit mode the loop holds the mean while
-  # `training_samples` draws the noisy samples from the same flag and key.
-  noise_next = _noise_on(count + 1, config).astype(jnp.float32)
+def _next_parameters(views, layouts, params, key, noise_scale, config, hp, treedef):
+  """Updates that move the loop's params to the next sample (drop-in) or to the mean."""
   updates = []
-  for i, (layout, leaf, param) in enumerate(zip(layouts, new_leaves, param_leaves)):
+  for i, (layout, view, param) in enumerate(zip(
+      layouts, views, treedef.flatten_up_to(params))):
     param = jnp.asarray(param)
-    if not layout.trainable:
+    if view is None:
       updates.append(jnp.zeros_like(param))
       continue
-    mean, _, hessian, _, basis = leaf
-    eigen = as_matrix(mean, layout)
+    eigen = view.mean
     if config.drop_in:
-      normal = _standard_normal(next_key, 0, i, layout, mean.dtype)
-      eigen = sample_eigen(eigen, as_matrix(hessian, layout), normal,
-                           noise_next.astype(mean.dtype), hp.ess, hp.weight_decay)
-    target = from_matrix(rotate_out(eigen, basis, config.rotation_precision), layout)
-    updates.append((target.astype(param.dtype) - param).astype(param.dtype))
+      normal = _standard_normal(key, 0, i, layout, eigen.dtype)
+      eigen = sample_eigen(eigen, view.hessian, normal, noise_scale.astype(eigen.dtype),
+                           hp.ess, hp.weight_decay)
+    target = from_matrix(rotate_out(eigen, view.basis, config.rotation_precision), layout)
+    updates.append(target.astype(param.dtype) - param)
+  return treedef.unflatten(updates)
 
+
+def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperparams):
+  treedef = jax.tree.structure(state.mean)
+  frozen_means = treedef.flatten_up_to(state.mean)
+  layouts = [config.layout(m) for m in frozen_means]
+  views = _unpack(state, treedef, layouts)
+  stats = _call_statistics(grads, params, state, views, layouts, config, hp)
+
+  accumulator = None
+  if config.drop_in and config.mc_samples > 1 and state.accumulator is not None:
+    stats, complete, accumulator = _accumulate(stats, state, treedef, layouts, config)
+    views = jax.lax.cond(
+        complete, lambda v: _step_leaves(v, stats, layouts, state.count, config, hp),
+        lambda v: v, views)
+  else:
+    views = _step_leaves(views, stats, layouts, state.count, config, hp)
+
+  next_key = jax.random.split(state.key)[0]
+  # Noise flag of the next call's sample; in explicit mode the loop holds the mean while
+  # `training_samples` draws the noisy samples from the same flag and key.
+  noise_next = _noise_on(state.count + 1, config).astype(jnp.float32)
+  updates = _next_parameters(views, layouts, params, next_key, noise_next, config, hp, treedef)
   new_state = EvonState(
-      count=count + 1,
+      count=state.count + 1,
       skipped=state.skipped,
       key=next_key,
       sample_noise=noise_next,
-      mean=treedef.unflatten([leaf[0] for leaf in new_leaves]),
-      momentum=treedef.unflatten([leaf[1] for leaf in new_leaves]),
-      hessian=treedef.unflatten([leaf[2] for leaf in new_leaves]),
-      factors=treedef.unflatten([leaf[3] for leaf in new_leaves]),
-      bases=treedef.unflatten([leaf[4] for leaf in new_leaves]),
       ess=jnp.asarray(hp.ess, jnp.float32),
       weight_decay=jnp.asarray(hp.weight_decay, jnp.float32),
-      accumulator=accumulator)
-  return treedef.unflatten(updates), new_state
+      accumulator=accumulator,
+      **_pack(views, frozen_means, treedef, layouts))
+  return updates, new_state
 
 
 def _all_finite(grads) -> jax.Array:
@@ -447,19 +506,28 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
   def init_fn(params):
     return _init_state(params, config, hp, key)
 
+  def step_or_skip(grads, state, params):
+    """A non-finite gradient skips the call: state and mean untouched, `skipped` counted."""
+
+    def skip(operands):
+      _, state, params = operands
+      return (jax.tree.map(jnp.zeros_like, params),
+              state._replace(skipped=state.skipped + 1))
+
+    return jax.lax.cond(_all_finite(grads), lambda ops: _update(*ops, config, hp), skip,
+                        (grads, state, params))
+
+  # Compiled once per transformation: called eagerly, the update would otherwise retrace
+  # its control flow on every call. Inside a user's jit this nested jit is simply inlined.
+  compiled = jax.jit(step_or_skip)
+
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(
           "evon_jax optimizers need `params` in update(grads, state, params): drop-in mode "
           "returns (next sample - params), explicit mode returns (new mean - params).")
-
-    def skip(_):
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      return zeros, state._replace(skipped=state.skipped + 1)
-
-    return jax.lax.cond(
-        _all_finite(updates), lambda _: _update(updates, state, params, config, hp), skip, None)
+    return compiled(updates, state, params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -476,17 +544,19 @@ def training_samples(opt_state, num_samples: int = 1) -> Any:
   from evon_jax._state_search import find_state  # local import: avoids a cycle at load
   state = find_state(opt_state, EvonState)
   treedef = jax.tree.structure(state.mean)
+  means = treedef.flatten_up_to(state.mean)
+  layouts = [leaf_layout(m.shape, m.dtype, max_precond_dim=0, precondition_1d=False)
+             for m in means]
   out = []
-  for i, (mean, hessian, basis) in enumerate(zip(
-      _leaves(state.mean, treedef), _leaves(state.hessian, treedef),
-      _leaves(state.bases, treedef))):
-    layout = leaf_layout(mean.shape, mean.dtype, max_precond_dim=0, precondition_1d=False)
-    if not layout.trainable:
+  for i, (layout, view, mean) in enumerate(zip(
+      layouts, _unpack(state, treedef, layouts), means)):
+    if view is None:
       out.append(jnp.broadcast_to(mean, (num_samples,) + mean.shape))
       continue
-    normals = jnp.stack([_standard_normal(state.key, s, i, layout, mean.dtype)
+    normals = jnp.stack([_standard_normal(state.key, s, i, layout, view.mean.dtype)
                          for s in range(num_samples)])
-    eigen = sample_eigen(as_matrix(mean, layout), as_matrix(hessian, layout), normals,
-                         state.sample_noise.astype(mean.dtype), state.ess, state.weight_decay)
-    out.append(jnp.reshape(rotate_out(eigen, basis), (num_samples,) + mean.shape))
+    eigen = sample_eigen(view.mean, view.hessian, normals,
+                         state.sample_noise.astype(view.mean.dtype), state.ess,
+                         state.weight_decay)
+    out.append(jnp.reshape(rotate_out(eigen, view.basis), (num_samples,) + mean.shape))
   return treedef.unflatten(out)

@@ -17,8 +17,9 @@ import optax
 
 from evon_jax import eigenbasis
 from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
-from evon_jax.kronecker import KroneckerPair, empty_pair, ema, factor_statistics, rotate_in, \
-    rotate_out
+from evon_jax.kronecker import (
+    empty_pair, ema, factor_statistics, pairs_to_storage, rotate_in, rotate_out,
+    storage_to_pairs)
 
 
 class ScaleBySoapState(NamedTuple):
@@ -28,8 +29,9 @@ class ScaleBySoapState(NamedTuple):
     count: number of update calls (the first only initialises factors and bases).
     mu: first moment in eigen coordinates.
     nu: second moment in eigen coordinates (left in place on refresh, as SOAP does).
-    factors: per leaf, Kronecker factors (L, R); `None` on identity sides.
-    bases: per leaf, eigenbases (Q_L, Q_R); `None` on identity sides.
+    factors: Kronecker factors as KroneckerPair(left=tree, right=tree) of params-shaped
+      trees (zero-size arrays on identity sides); `kronecker.leaf_pairs` gives them per leaf.
+    bases: eigenbases (Q_L, Q_R), stored like `factors`.
   """
 
   count: jax.Array
@@ -130,16 +132,22 @@ def scale_by_soap(
       nus.append(jnp.zeros(shape, sd))
       factors.append(empty_pair(layout, sd, "zeros"))
       bases.append(empty_pair(layout, sd, "eye"))
-    return ScaleBySoapState(jnp.zeros([], jnp.int32), *map(treedef.unflatten, (
-        mus, nus, factors, bases)))
+    return ScaleBySoapState(
+        jnp.zeros([], jnp.int32), treedef.unflatten(mus), treedef.unflatten(nus),
+        pairs_to_storage(factors, treedef), pairs_to_storage(bases, treedef))
 
   def update_fn(updates, state, params=None):
     del params
     treedef = jax.tree.structure(state.mu)
     outs, mus, nus, factors, bases = [], [], [], [], []
-    for grad, mu, nu, factor, basis in zip(*(treedef.flatten_up_to(t) for t in (
-        updates, state.mu, state.nu, state.factors, state.bases))):
+    for i, (grad, mu, nu, factor, basis) in enumerate(zip(
+        treedef.flatten_up_to(updates), treedef.flatten_up_to(state.mu),
+        treedef.flatten_up_to(state.nu), storage_to_pairs(state.factors, treedef),
+        storage_to_pairs(state.bases, treedef))):
       layout = config.layout(grad)
+      if layout.trainable and mu.shape != layout.shape:
+        raise ValueError(f"Leaf {i}: gradient shape {layout.shape} does not match the "
+                         f"parameter shape {mu.shape} the optimizer was initialised with.")
       if not layout.trainable:
         outs.append(jnp.zeros_like(grad))
         mus.append(mu), nus.append(nu), factors.append(factor), bases.append(basis)
@@ -151,8 +159,9 @@ def scale_by_soap(
       outs.append(from_matrix(direction, layout).astype(grad.dtype))
       mus.append(from_matrix(mu, layout)), nus.append(from_matrix(nu, layout))
       factors.append(factor), bases.append(basis)
-    new_state = ScaleBySoapState(state.count + 1, *map(treedef.unflatten, (
-        mus, nus, factors, bases)))
+    new_state = ScaleBySoapState(
+        state.count + 1, treedef.unflatten(mus), treedef.unflatten(nus),
+        pairs_to_storage(factors, treedef), pairs_to_storage(bases, treedef))
     return treedef.unflatten(outs), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

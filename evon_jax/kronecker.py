@@ -91,3 +91,36 @@ def change_basis(x: jax.Array, old: KroneckerPair, new: KroneckerPair) -> jax.Ar
   if transition.right is not None:
     x = jnp.matmul(x, transition.right.T, precision=_EXACT)
   return x
+
+
+# Storage: an optimizer state keeps the left and right sides as two params-shaped trees of
+# plain arrays (zero-size arrays mark identity sides), so every state leaf is an array, as
+# flax.nnx.Optimizer and checkpointers expect; the maths works on per-leaf pairs with None.
+
+_IDENTITY = (0, 0)
+
+
+def pairs_to_storage(pairs, treedef) -> KroneckerPair:
+  """Per-leaf KroneckerPairs (None sides) -> KroneckerPair of two params-shaped trees."""
+
+  def side(x):
+    return jnp.zeros(_IDENTITY, jnp.float32) if x is None else x
+
+  return KroneckerPair(treedef.unflatten([side(p.left) for p in pairs]),
+                       treedef.unflatten([side(p.right) for p in pairs]))
+
+
+def storage_to_pairs(stored: KroneckerPair, treedef) -> list[KroneckerPair]:
+  """Inverse of `pairs_to_storage`: the per-leaf pairs, identity sides as None."""
+
+  def side(x):
+    return None if x.size == 0 else x
+
+  return [KroneckerPair(side(l), side(r)) for l, r in zip(
+      treedef.flatten_up_to(stored.left), treedef.flatten_up_to(stored.right))]
+
+
+def leaf_pairs(stored: KroneckerPair):
+  """A params-shaped tree whose leaves are the per-leaf `KroneckerPair(Q_L, Q_R)`."""
+  treedef = jax.tree.structure(stored.left)
+  return treedef.unflatten(storage_to_pairs(stored, treedef))

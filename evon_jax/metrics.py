@@ -22,9 +22,13 @@ __all__ = [
     "mutual_information", "ood_auroc", "ood_aupr", "fpr_at_95_tpr",
 ]
 
-# Probabilities are clipped to [_TINY, 1] before a logarithm, so a (numerically) zero
-# probability of the true class costs a large but finite -log(_TINY) ≈ 69 nats.
-_TINY = 1e-30
+
+def _safe_log(probs: jax.Array) -> jax.Array:
+  """log p, finite at p = 0 (p clipped to the dtype's smallest normal: log ≈ -87 in float32).
+
+  A zero probability of the true class then costs a large finite NLL, and 0 log 0 = 0.
+  """
+  return jnp.log(jnp.clip(probs, jnp.finfo(probs.dtype).tiny, 1.0))
 
 
 def _label_probs(probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -40,7 +44,7 @@ def nll(probs: jax.Array, labels: jax.Array) -> jax.Array:
     >>> float(nll(jnp.array([[0.5, 0.5], [0.25, 0.75]]), jnp.array([0, 1])))  # doctest: +ELLIPSIS
     0.490...
   """
-  return -jnp.mean(jnp.log(jnp.clip(_label_probs(probs, labels), _TINY, 1.0)))
+  return -jnp.mean(_safe_log(_label_probs(probs, labels)))
 
 
 def accuracy(probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -81,8 +85,7 @@ def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _entropy(probs: jax.Array) -> jax.Array:
-  # 0 log 0 = 0: the clip only guards the logarithm.
-  return -jnp.sum(probs * jnp.log(jnp.clip(probs, _TINY, 1.0)), axis=-1)
+  return -jnp.sum(probs * _safe_log(probs), axis=-1)  # 0 log 0 = 0
 
 
 def predictive_entropy(probs: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from evon_jax._evon import EvonState, sample_eigen
 from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout
 from evon_jax._state_search import find_state
-from evon_jax.kronecker import KroneckerPair, rotate_out
+from evon_jax.kronecker import KroneckerPair, leaf_pairs, rotate_out, storage_to_pairs
 
 __all__ = [
     "mean", "sample", "marginal_stddev", "covariance", "entropy", "kl_to_prior", "bases",
@@ -33,8 +33,9 @@ def find_evon_state(opt_state) -> EvonState:
 def _per_leaf(state: EvonState):
   """Yields (layout, mean°, hessian, basis) per leaf; layout is None for frozen leaves."""
   treedef = jax.tree.structure(state.mean)
-  for mean_eigen, hessian, basis in zip(*(treedef.flatten_up_to(t) for t in (
-      state.mean, state.hessian, state.bases))):
+  for mean_eigen, hessian, basis in zip(
+      treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.hessian),
+      storage_to_pairs(state.bases, treedef)):
     layout = leaf_layout(mean_eigen.shape, mean_eigen.dtype, max_precond_dim=0,
                          precondition_1d=False)
     yield (layout if layout.trainable else None), mean_eigen, hessian, basis
@@ -69,7 +70,7 @@ def variance_eigen(opt_state) -> Any:
 
 def bases(opt_state) -> Any:
   """Per leaf, the `KroneckerPair(Q_L, Q_R)` eigenbases (`None` marks an identity side)."""
-  return find_evon_state(opt_state).bases
+  return leaf_pairs(find_evon_state(opt_state).bases)
 
 
 def sample(key: jax.Array, opt_state, num_samples: Optional[int] = None) -> Any:

@@ -342,10 +342,10 @@ def _momentum_and_bases(kind, state):
   """Eigen-coordinate momentum and the bases of an evon (EvonState) or soap (chain) state."""
   if kind == 'evon':
     inner = posterior.find_evon_state(state)
-    return inner.momentum, inner.bases
+    return inner.momentum, evon_jax.kronecker.leaf_pairs(inner.bases)
   inner = state[0]
   assert isinstance(inner, evon_jax.ScaleBySoapState)
-  return inner.mu, inner.bases
+  return inner.mu, evon_jax.kronecker.leaf_pairs(inner.bases)
 
 
 @pytest.mark.parametrize('kind', ['evon', 'soap'])

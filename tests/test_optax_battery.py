@@ -467,18 +467,10 @@ def _regression_data():
   return x, x @ w + jnp.array([[0.3, -0.2]])
 
 
-_NNX_CASES = (
-    _CASES['ivon'],
-    pytest.param(_CASES['evon'], marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason='evon_jax bug: flax.nnx.Optimizer stores per-leaf KroneckerPair(array, array) '
-               'inside nnx Variables (state fields are unflattened with the params treedef, '
-               'Param nodes included); nnx.update turns them into nnx.State, so the second '
-               'update fails with a pytree structure error.')),
-)
+_NNX_CASES = (_CASES['ivon'], _CASES['evon'], _CASES['evon_mc_samples_2'])
 
 
-@pytest.mark.parametrize('case', _NNX_CASES, ids=['ivon', 'evon'])
+@pytest.mark.parametrize('case', _NNX_CASES, ids=lambda c: c.name)
 def test_flax_nnx_optimizer(case):
   from flax import nnx
 

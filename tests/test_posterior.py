@@ -106,7 +106,7 @@ class Leaf:
   def __init__(self, state, name):
     self.shape = tuple(state.mean[name].shape)
     rows, cols = _matrix_shape(self.shape)
-    basis = state.bases[name]
+    basis = posterior.bases(state)[name]
     self.q_left = np.eye(rows) if basis.left is None else _f64(basis.left)
     self.q_right = np.eye(cols) if basis.right is None else _f64(basis.right)
     self.mean_eigen = _f64(state.mean[name]).reshape(rows, cols)
@@ -161,7 +161,7 @@ def evon_state(problem):
   state = train(evon_jax.evon(0.05, key=1, **EVON_HYPER), loss, params)
   # Guard: the test is only meaningful when the posterior is far from isotropic.
   for name in ("w", "k", "v"):
-    basis = state.bases[name]
+    basis = posterior.bases(state)[name]
     assert basis.left is not None
     assert not np.allclose(_f64(basis.left), np.eye(basis.left.shape[0]), atol=0.1)
   h = _f64(state.hessian["w"])
@@ -272,11 +272,13 @@ def test_one_sided_basis_state():
   params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros((3,))}
   state = evon_jax.evon(0.1, ess=7.0, hess_init=1.0, weight_decay=0.05,
                         max_precond_dim=4).init(params)
-  assert state.bases["w"].left is None and state.bases["w"].right.shape == (4, 4)
+  bases = posterior.bases(state)
+  assert bases["w"].left is None and bases["w"].right.shape == (4, 4)
   q_right, _ = np.linalg.qr(rng.standard_normal((4, 4)))
   state = state._replace(
-      bases={"w": evon_jax.KroneckerPair(None, jnp.asarray(q_right, jnp.float32)),
-             "b": state.bases["b"]},
+      bases=evon_jax.KroneckerPair(
+          left=state.bases.left,
+          right={"w": jnp.asarray(q_right, jnp.float32), "b": state.bases.right["b"]}),
       hessian={"w": jnp.asarray(rng.uniform(0.1, 3.0, (5, 4)), jnp.float32),
                "b": jnp.asarray(rng.uniform(0.1, 3.0, 3), jnp.float32)},
       mean={"w": jnp.asarray(rng.standard_normal((5, 4)), jnp.float32),

@@ -1,0 +1,82 @@
+"""Smoke test of the benchmarks: quick mode end to end at tiny sizes (no timing assertions)."""
+
+import json
+import math
+import os
+
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("matplotlib")
+
+from benchmarks import run  # noqa: E402  (after the optional-dependency checks)
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  results = run.main(["--quick", "--out", str(out)])
+  return out, results
+
+
+def test_quick_writes_json_summary_and_plots(quick):
+  out, _ = quick
+  with open(os.path.join(out, "results.json")) as f:
+    results = json.load(f)
+  assert set(run.SECTIONS) | {"mode", "machine", "config", "timings_s", "headline"} <= set(
+      results)
+  assert results["mode"] == "quick"
+  assert {"date_utc", "cpu_model", "nproc", "jax", "lapack_threads"} <= set(
+      results["machine"])
+  assert os.path.getsize(os.path.join(out, "summary.md")) > 0
+  for name in ("step_time_vs_d.png", "ratios.png", "memory.png", "growth.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+def test_step_timings_are_positive_and_finite(quick):
+  _, results = quick
+  for section in ("step", "growth_d", "layers", "frequency", "max_precond_dim"):
+    for record in results[section]:
+      for name, res in record["results"].items():
+        assert res["finite"], (section, name)
+        for key in ("median_ms", "mean_ms", "max_ms", "first_step_ms", "max_over_median"):
+          assert _positive(res[key]), (section, name, key)
+  step = results["step"][0]
+  assert set(step["results"]) == set(run.QUICK["step"].get("optimizers", ())) or set(
+      step["results"]) >= {"adamw", "soap", "ivon", "evon", "evon_whiten", "evon_stagger"}
+  for ratio in step["ratio_vs_soap"].values():
+    assert _positive(ratio["mean"]) and _positive(ratio["round_median"])
+
+
+def test_headline_train_memory_pieces(quick):
+  _, results = quick
+  headline = results["headline"]
+  assert _positive(headline["evon_over_soap_mean"])
+  assert isinstance(headline["target_evon_state_le_soap_plus_1"], bool)
+  for record in results["train"]["records"]:
+    assert _positive(record["results"]["forward_backward"]["mean_ms"])
+    for fraction in record["optimizer_fraction"].values():
+      assert 0.0 <= fraction < 1.0
+  for record in results["memory"]["state_bytes"]:
+    assert _positive(record["state_per_param_byte"])
+  for record in results["memory"]["peak_rss"]:
+    assert "error" not in record, record.get("error")
+    assert _positive(record["steps_peak_rss"])
+  pieces = results["pieces"]
+  assert all(_positive(v) for k, v in pieces["step_pieces"].items())
+  assert all(_positive(rec["qr_ms"]) for rec in pieces["factor_sizes"])
+
+
+def test_peers_run_or_skip(quick):
+  _, results = quick
+  peers = results["peers"]
+  if "skipped" in peers:
+    assert "torch" in peers["skipped"]
+    return
+  for record in peers["records"]:
+    for res in record["results"].values():
+      assert res["finite"] and _positive(res["mean_ms"])
