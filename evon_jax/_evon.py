@@ -98,7 +98,7 @@ class EvonConfig:
   clip_hessian: bool = False
   clip_update: bool = False
   dtype: Any = None
-  rotation_precision: Any = None
+  rotation_precision: Any = "highest"
 
   def layout(self, leaf) -> LeafLayout:
     return leaf_layout(
@@ -558,5 +558,6 @@ def training_samples(opt_state, num_samples: int = 1) -> Any:
     eigen = sample_eigen(view.mean, view.hessian, normals,
                          state.sample_noise.astype(view.mean.dtype), state.ess,
                          state.weight_decay)
-    out.append(jnp.reshape(rotate_out(eigen, view.basis), (num_samples,) + mean.shape))
+    out.append(jnp.reshape(rotate_out(eigen, view.basis, "highest"),
+                           (num_samples,) + mean.shape))
   return treedef.unflatten(out)

@@ -47,7 +47,7 @@ class SoapConfig:
   max_precond_dim: int = 10000
   precondition_1d: bool = False
   dtype: Any = None
-  rotation_precision: Any = None
+  rotation_precision: Any = "highest"
 
   def layout(self, leaf) -> LeafLayout:
     return leaf_layout(leaf.shape, leaf.dtype, max_precond_dim=self.max_precond_dim,
@@ -82,7 +82,7 @@ def scale_by_soap(
     max_precond_dim: int = 10000,
     precondition_1d: bool = False,
     dtype=None,
-    rotation_precision=None,
+    rotation_precision="highest",
 ) -> optax.GradientTransformation:
   """Rescales updates with Adam run in the eigenbasis of Shampoo's Kronecker factors.
 

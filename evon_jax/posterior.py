@@ -19,6 +19,10 @@ from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout
 from evon_jax._state_search import find_state
 from evon_jax.kronecker import KroneckerPair, leaf_pairs, rotate_out, storage_to_pairs
 
+# Posterior read-outs are off the training hot path: always use full float32 matmuls (the
+# default precision is TF32/bf16 on GPUs and TPUs, which would blur covariances and means).
+_EXACT = jax.lax.Precision.HIGHEST
+
 __all__ = [
     "mean", "sample", "marginal_stddev", "covariance", "entropy", "kl_to_prior", "bases",
     "variance_eigen", "find_evon_state",
@@ -57,7 +61,8 @@ def mean(opt_state) -> Any:
   state = find_evon_state(opt_state)
   return _map_leaves(
       state,
-      lambda layout, m, h, q: from_matrix(rotate_out(as_matrix(m, layout), q), layout),
+      lambda layout, m, h, q: from_matrix(
+          rotate_out(as_matrix(m, layout), q, _EXACT), layout),
       lambda m: m)
 
 
@@ -83,7 +88,7 @@ def sample(key: jax.Array, opt_state, num_samples: Optional[int] = None) -> Any:
     z = jax.random.normal(next(leaf_keys), (count, layout.rows, layout.cols), m.dtype)
     eigen = sample_eigen(as_matrix(m, layout), as_matrix(h, layout), z, 1.0, state.ess,
                          state.weight_decay)
-    out = jnp.reshape(rotate_out(eigen, q), (count,) + layout.shape)
+    out = jnp.reshape(rotate_out(eigen, q, _EXACT), (count,) + layout.shape)
     return out[0] if num_samples is None else out
 
   def frozen(m):
@@ -102,7 +107,7 @@ def marginal_stddev(opt_state) -> Any:
   state = find_evon_state(opt_state)
 
   def stddev(layout, m, h, q):
-    variance = rotate_out(as_matrix(_variance(state, h), layout), _squared(q))
+    variance = rotate_out(as_matrix(_variance(state, h), layout), _squared(q), _EXACT)
     return from_matrix(jnp.sqrt(variance), layout)
 
   return _map_leaves(state, stddev, lambda m: jnp.zeros(m.shape, jnp.float32))
@@ -130,7 +135,7 @@ def covariance(opt_state, max_size: int = 4096) -> Any:
                        f"more than max_size={max_size}; use marginal_stddev or sample.")
     rotation = _dense_rotation(layout, q, m.dtype)
     v = jnp.reshape(_variance(state, h), (-1,))
-    return (rotation * v[None, :]) @ rotation.T
+    return jnp.matmul(rotation * v[None, :], rotation.T, precision=_EXACT)
 
   return _map_leaves(state, dense, lambda m: jnp.zeros((m.size, m.size), jnp.float32))
 
