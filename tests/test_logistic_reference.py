@@ -52,8 +52,8 @@ def test_one_feature_matches_brute_force_elbo_minimum():
             - log_s / ESS_1D)
 
   result = scipy.optimize.minimize(
-      negative_elbo, x0=[0.0, np.log(0.5)], method='Nelder-Mead',
-      options={'xatol': 1e-10, 'fatol': 1e-15, 'maxiter': 4000})
+      negative_elbo, x0=[0.0, np.log(0.5)], method="Nelder-Mead",
+      options={"xatol": 1e-10, "fatol": 1e-15, "maxiter": 4000})
   m_brute, s_brute = result.x[0], np.exp(result.x[1])
   # Nelder-Mead resolves a minimum to ~sqrt(quad error / curvature): ~1e-7 here.
   np.testing.assert_allclose([m_brute, s_brute], [m_star, s_star], rtol=1e-6, atol=1e-6)
@@ -82,9 +82,9 @@ def test_one_feature_matches_adaptive_quadrature_stationary_point():
 
 # (ii) stationarity and optimality in many dimensions.
 
-@pytest.fixture(scope='module', params=['synthetic', 'digits'])
+@pytest.fixture(scope="module", params=["synthetic", "digits"])
 def problem(request):
-  X, y = (ref.synthetic_logistic_problem() if request.param == 'synthetic'
+  X, y = (ref.synthetic_logistic_problem() if request.param == "synthetic"
           else ref.digits_3_vs_5())
   ess, delta = float(X.shape[0]), 1e-2
   m, S = ref.optimal_gaussian(X, y, ess, delta)
@@ -136,6 +136,15 @@ def test_optimum_minimises_negative_elbo(problem):
     assert abs(up - down) < 1e-3 * (up + down - 2 * f_star)
 
 
+def test_weak_prior_converges():
+  # delta = 1e-3 on digits: posterior variances up to 2.7 (0.27 at delta = 1e-2)
+  X, y = ref.digits_3_vs_5()
+  m, S = ref.optimal_gaussian(X, y, float(X.shape[0]), 1e-3)
+  res_mean, res_cov = ref.stationarity_residuals(X, y, m, S, float(X.shape[0]), 1e-3,
+                                                 num_nodes=300)
+  assert res_mean < 1e-12 and res_cov < 1e-12
+
+
 def test_optimal_gaussian_raises_when_not_converged():
   X, y = ref.synthetic_logistic_problem()
   with pytest.raises(RuntimeError):
@@ -174,14 +183,14 @@ def test_split_kl_parts():
   m, S = _random_gaussian(rng, 6)
   m_star, S_star = _random_gaussian(rng, 6)
   parts = ref.split_kl(m, S, m_star, S_star)
-  assert min(parts['mean'], parts['basis'], parts['spectrum']) >= 0.0
-  np.testing.assert_allclose(parts['total'], ref.gaussian_kl(m, S, m_star, S_star), rtol=1e-12)
-  np.testing.assert_allclose(parts['mean'] + parts['basis'] + parts['spectrum'],
-                             parts['total'], rtol=1e-12)
+  assert min(parts["mean"], parts["basis"], parts["spectrum"]) >= 0.0
+  np.testing.assert_allclose(parts["total"], ref.gaussian_kl(m, S, m_star, S_star), rtol=1e-12)
+  np.testing.assert_allclose(parts["mean"] + parts["basis"] + parts["spectrum"],
+                             parts["total"], rtol=1e-12)
   # S* itself (exact basis and spectrum), moved mean: only the mean part is left
   parts = ref.split_kl(m, S_star, m_star, S_star)
-  assert abs(parts['basis']) < 1e-12 and abs(parts['spectrum']) < 1e-12
+  assert abs(parts["basis"]) < 1e-12 and abs(parts["spectrum"]) < 1e-12
   # exact basis, wrong spectrum: no basis part
   eigval, eigvec = np.linalg.eigh(S_star)
   parts = ref.split_kl(m_star, eigvec * (2.0 * eigval) @ eigvec.T, m_star, S_star)
-  assert abs(parts['basis']) < 1e-12 and parts['spectrum'] > 0.1
+  assert abs(parts["basis"]) < 1e-12 and parts["spectrum"] > 0.1
