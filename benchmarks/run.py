@@ -49,7 +49,7 @@ QUICK = {
                   precondition_frequency=2),
     "train": dict(batch_sizes=(2,), d=16, layers=1, length=8, heads=2,
                   optimizers=("adamw", "evon"), rounds=1, precondition_frequency=2),
-    "memory": dict(d_values=(16,), layers=1, rss_d=16, rss_optimizers=("adamw",),
+    "memory": dict(d_values=(32,), layers=1, rss_d=16, rss_optimizers=("adamw",),
                    plan_optimizers=("adamw",)),
 }
 
@@ -230,6 +230,11 @@ def summary_markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _write_json(results: dict, out_dir: str):
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, default=str)
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,10 +269,11 @@ def main(argv=None) -> dict:
     results[name] = run_section(name, config[name])
     results["timings_s"][name] = time.perf_counter() - start
     print(f"[benchmarks] {name} done in {results['timings_s'][name]:.1f} s", flush=True)
+    _write_json(results, out_dir)  # partial results survive an interrupted run
   results["machine"]["load_average_at_end"] = list(os.getloadavg())
-  results["headline"] = headline(results, d=256 if not args.quick else 32)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=str)
+  headline_d = config["step"]["d_values"][0] if args.quick else 256
+  results["headline"] = headline(results, d=headline_d)
+  _write_json(results, out_dir)
   summary = summary_markdown(results)
   with open(os.path.join(out_dir, "summary.md"), "w") as f:
     f.write(summary + "\n")
