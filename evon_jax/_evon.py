@@ -10,7 +10,6 @@ that drew it. Refresh steps additionally re-express the momentum and the mean in
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax

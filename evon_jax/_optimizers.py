@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import jax
 import optax
 
 from evon_jax import _validation as check
