@@ -87,9 +87,6 @@ def step_pieces(d: int, layers: int, repeats: int = 5) -> dict:
 
   timed("rotate_in_all", lambda xs, qs: [kronecker.rotate_in(x, q) for x, q in zip(xs, qs)],
         leaves, bases)
-  timed("rotate_in_all_default_precision_x3",
-        lambda xs, qs: [kronecker.rotate_in(x, q) for x, q in zip(xs, qs) for _ in range(3)],
-        leaves, bases)
   timed("factor_statistics_all",
         lambda xs: [kronecker.factor_statistics(x, lay) for x, lay in zip(xs, layouts)], leaves)
   timed("newton_schulz_all",
@@ -127,9 +124,13 @@ def step_pieces(d: int, layers: int, repeats: int = 5) -> dict:
       for fp, qp in zip(fs, qs)], factors, bases)
   timed("eigh_all", lambda fs: [[eigenbasis.eigh_descending(f) for f in fp] for fp in fs],
         factors)
-  timed("change_basis_2_buffers_all", lambda xs, qs, q2s: [
-      (kronecker.change_basis(x, q, q2), kronecker.change_basis(x, q, q2))
-      for x, q, q2 in zip(xs, qs, q2s)], leaves, bases, bases)
+  others = [2.0 * x + 1.0 for x in leaves]  # a second, different buffer (no CSE)
+  timed("change_basis_1_buffer_all", lambda xs, qs, q2s: [
+      kronecker.change_basis(x, q, q2) for x, q, q2 in zip(xs, qs, q2s)],
+        leaves, bases, bases)
+  timed("change_basis_2_buffers_all", lambda xs, ys, qs, q2s: [
+      (kronecker.change_basis(x, q, q2), kronecker.change_basis(y, q, q2))
+      for x, y, q, q2 in zip(xs, ys, qs, q2s)], leaves, others, bases, bases)
   return out
 
 

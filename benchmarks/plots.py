@@ -26,7 +26,7 @@ def _save(fig, out_dir, name):
 
 
 def step_time_vs_d(results, out_dir):
-  panels = [("step", "4 layers: mean (solid) and median (dashed)"),
+  panels = [("step", "mean (solid) and median (dashed)"),
             ("growth_d", "growth with d")]
   panels = [(key, title) for key, title in panels if results.get(key)]
   if not panels:

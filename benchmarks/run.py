@@ -107,7 +107,8 @@ def headline(results: dict, d: int = 256) -> dict:
     extra = (states["evon"]["state_bytes"] - states["soap"]["state_bytes"]) / states[
         "evon"]["param_bytes"]
     out["evon_state_minus_soap_state_in_param_buffers"] = extra
-    out["target_evon_state_le_soap_plus_1"] = extra <= 1.0 + 1e-6
+    # The tolerance covers EVON's scalar fields (count, key, ess, ...): a few bytes.
+    out["target_evon_state_le_soap_plus_1"] = extra <= 1.0 + 1e-3
   peers = [r for r in results.get("peers", {}).get("records", []) if r["d"] == d]
   if peers and "ivon_vs_ivon_opt" in peers[0]["ratios"]:
     out["ivon_over_ivon_opt_mean"] = peers[0]["ratios"]["ivon_vs_ivon_opt"]["mean"]
