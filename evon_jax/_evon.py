@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from evon_jax import eigenbasis, ivon_step, noise, whitening
+from evon_jax._gating import ema_coefficients, scale_if
 from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
 from evon_jax.kronecker import (
     KroneckerPair, empty_pair, ema, factor_statistics, mean_factor_statistics,
@@ -24,6 +25,7 @@ from evon_jax.kronecker import (
 
 FactorGradient = Literal["loss", "regularized"]
 FactorStatistic = Literal["mean_gradient", "per_sample"]
+ReplicaNoise = Literal["shared", "independent"]
 
 
 class SampleStatistics(NamedTuple):
@@ -98,6 +100,8 @@ class EvonConfig:
   clip_update: bool = False
   dtype: Any = None
   rotation_precision: Any = "highest"
+  axis_name: Any = None
+  replica_noise: ReplicaNoise = "shared"
 
   def layout(self, leaf) -> LeafLayout:
     return leaf_layout(
@@ -145,13 +149,20 @@ def _noise_on(count, config: EvonConfig):
   return noisy
 
 
-def _standard_normal(key, sample_index, leaf_index, layout: LeafLayout, dtype):
+def _sample_seeds(key, num_samples: int, first=0) -> list[jax.Array]:
+  """Noise seeds of samples first … first+num_samples-1 of a key; every leaf draws its own
+  stream from them."""
+  return [noise.stream_seeds(jax.random.fold_in(key, first + s)) for s in range(num_samples)]
+
+
+def _standard_normal(seeds, leaf_index, layout: LeafLayout, dtype):
   """The draw z of one sample and leaf, reproducible from (key, sample, leaf).
 
-  Always the fast 'hash' generator: `update` and `training_samples` must agree on it.
+  Always the fast 'hash' generator: `update` and `training_samples` must agree on it. The
+  seeds come from one threefry call per sample, shared by all leaves (compile time grows
+  with the number of threefry calls; ~4x on a 54-leaf model with one per leaf).
   """
-  leaf_key = jax.random.fold_in(jax.random.fold_in(key, sample_index), leaf_index)
-  return noise.standard_normal(leaf_key, (layout.rows, layout.cols), dtype, "hash")
+  return noise.standard_normal_from_seeds(seeds, leaf_index, (layout.rows, layout.cols), dtype)
 
 
 # ----------------------------------------------------------------------------- per-leaf maths
@@ -170,38 +181,62 @@ def _leaf_statistics(grads, thetas, normals, basis, layout, config, weight_decay
       factor_outer=mean_factor_statistics(factor_grads, layout) if per_sample else None)
 
 
-def _leaf_step(leaf, stats: SampleStatistics, layout, config, hp, flags):
-  """One real step of one leaf: eigenspace IVON, factor EMA, maybe a basis refresh."""
+class StepGates(NamedTuple):
+  """Scalars that shape one call's step of every leaf (see `_gating`).
+
+  Attributes:
+    step: real-step index t (0 on the first call), for the bias correction.
+    moments_on: momentum and mean move (not on the first call or a skipped one).
+    hessian_on: H moves (also off in clean phases: no noise, no Price estimate).
+    factors_on: the Kronecker factors take this call's statistics.
+    refresh_kind: KEEP / POWER_QR / EIGH for this leaf.
+    learning_rate: the step's learning rate.
+  """
+
+  step: jax.Array
+  moments_on: jax.Array
+  hessian_on: jax.Array
+  factors_on: jax.Array
+  refresh_kind: jax.Array
+  learning_rate: Any
+
+
+def _leaf_step(leaf, stats: SampleStatistics, layout, config, hp, gates: StepGates):
+  """One real step of one leaf: eigenspace IVON, factor EMA, maybe a basis refresh.
+
+  Every buffer is gated by scalar coefficients, never by an array select, so a gated-off
+  buffer comes back bit-identical and the whole update stays one fused pass.
+  """
   mean, momentum, hessian, factors, basis = leaf
-  is_first, step, hessian_on, factors_on, refresh_kind, lr = flags
+  b1_keep, b1_take = ema_coefficients(hp.b1, gates.moments_on)
+  b2_keep, b2_take = ema_coefficients(hp.b2, gates.hessian_on)
 
   estimate = ivon_step.price_hessian_estimate(
       stats.normal_times_grad, hessian, hp.ess, hp.weight_decay)
   if config.clip_hessian:
     estimate = ivon_step.clip_hessian_estimate(estimate, hessian, hp.hess_clip_ratio, hp.eps)
-  new_hessian = ivon_step.ivon_hessian_update(hessian, estimate, hp.b2, hp.weight_decay)
-  new_hessian = jnp.where(hessian_on, new_hessian, hessian)
-  new_momentum = hp.b1 * momentum + (1 - hp.b1) * stats.rotated_grad
-  bias_correction = 1 - hp.b1 ** jnp.maximum(step, 1)
+  new_hessian = ivon_step.ivon_hessian_update(
+      hessian, estimate, b2_keep, hp.weight_decay, one_minus_b2=b2_take)
+  new_momentum = b1_keep * momentum + b1_take * stats.rotated_grad
+  bias_correction = 1 - hp.b1 ** jnp.maximum(gates.step, 1)
   direction = ivon_step.ivon_direction(
       new_momentum, bias_correction, mean, new_hessian, hp.weight_decay, hp.eps)
   if config.clip_update:
     direction = jnp.clip(direction, -hp.clip_radius, hp.clip_radius)
   if config.whiten:
     direction = whitening.whiten(direction, layout)
-  new_mean = mean - lr * direction
-
-  keep = lambda old, new: jnp.where(is_first, old, new).astype(old.dtype)
-  mean, momentum, hessian = keep(mean, new_mean), keep(momentum, new_momentum), keep(
-      hessian, new_hessian)
+  new_mean = mean - scale_if(gates.learning_rate, gates.moments_on) * direction
+  mean, momentum, hessian = (new.astype(old.dtype) for new, old in (
+      (new_mean, mean), (new_momentum, momentum), (new_hessian, hessian)))
 
   if stats.factor_outer is not None:
     statistic = stats.factor_outer
   else:
     statistic = factor_statistics(stats.factor_grad, layout)
-  updated = ema(factors, statistic, hp.shampoo_b)
-  factors = jax.tree.map(lambda new, old: jnp.where(factors_on, new, old), updated, factors)
-  basis, (momentum, mean) = eigenbasis.refresh(refresh_kind, factors, basis, (momentum, mean))
+  factors = ema(factors, statistic, *ema_coefficients(hp.shampoo_b, gates.factors_on))
+  factors = jax.tree.map(lambda new, old: new.astype(old.dtype), factors, leaf[3])
+  basis, (momentum, mean) = eigenbasis.refresh(
+      gates.refresh_kind, factors, basis, (momentum, mean))
   return mean, momentum, hessian, factors, basis
 
 
@@ -318,7 +353,8 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
     dtype = state_dtype(leaf.dtype, config.dtype)
     zeros = jnp.zeros((layout.rows, layout.cols), dtype)
     views.append(_Leaf(
-        mean=as_matrix(leaf, layout).astype(dtype),
+        # A copy: a mean that aliased the params buffer would break buffer donation.
+        mean=jnp.array(as_matrix(leaf, layout), dtype=dtype, copy=True),
         momentum=zeros,
         hessian=jnp.full((layout.rows, layout.cols), hp.hess_init, dtype),
         factors=empty_pair(layout, dtype, "zeros"),
@@ -371,9 +407,24 @@ def sample_eigen(mean, hessian, normal, noise_scale, ess, weight_decay):
   return mean + std * normal
 
 
-def _call_statistics(grads, params, state, views, layouts, config, hp):
-  """Monte-Carlo statistics of this call's gradient(s), per leaf (None when frozen)."""
+def _first_sample(config: EvonConfig, per_call: int):
+  """Index of this replica's first sample under the key: replica r of an 'independent' run
+  draws samples r·k … r·k+k-1 (k per call), which are exactly the samples a single-device
+  explicit-mode run with mc_samples = replicas·k draws; otherwise 0 (shared samples)."""
+  if config.axis_name is not None and config.replica_noise == "independent":
+    return jax.lax.axis_index(config.axis_name) * per_call
+  return 0
+
+
+def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
+  """Monte-Carlo statistics of this call's gradient(s), per leaf (None when frozen).
+
+  Gradients of a call that is skipped (`finite` False) are replaced by zeros here, so that
+  the gated-off step below multiplies finite numbers by zero and leaves the state exact.
+  """
   treedef = jax.tree.structure(state.mean)
+  per_call = 1 if config.drop_in else config.mc_samples
+  seeds = _sample_seeds(state.key, per_call, _first_sample(config, per_call))
   stats = []
   for i, (layout, view, grad, param) in enumerate(zip(
       layouts, views, treedef.flatten_up_to(grads), treedef.flatten_up_to(params))):
@@ -382,8 +433,9 @@ def _call_statistics(grads, params, state, views, layouts, config, hp):
       continue
     dtype = view.mean.dtype
     grad_stack = _validate_grads_shape(jnp.asarray(grad), layout, config, i).astype(dtype)
+    grad_stack = jnp.where(finite, grad_stack, jnp.zeros((), dtype))
     normals = jnp.stack([
-        _standard_normal(state.key, s, i, layout, dtype) for s in range(grad_stack.shape[0])
+        _standard_normal(seeds[s], i, layout, dtype) for s in range(grad_stack.shape[0])
     ]) * state.sample_noise.astype(dtype)
     thetas = None
     if config.factor_gradient == "regularized":
@@ -395,35 +447,73 @@ def _call_statistics(grads, params, state, views, layouts, config, hp):
             view.basis, config.rotation_precision)
     stats.append(_leaf_statistics(
         grad_stack, thetas, normals, view.basis, layout, config, hp.weight_decay))
+  if config.axis_name is not None:  # data parallel: the statistics of the global batch
+    stats = _replica_mean(stats, config.axis_name)
   return stats
 
 
-def _accumulate(stats, state, treedef, layouts, config):
+def _varying_axes(x) -> frozenset:
+  """The mapped axes a value varies over, as `shard_map`'s type check tracks them."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+  return frozenset(vma)
+
+
+def _replica_mean(tree, axis_name):
+  """Averages the per-replica statistics over `axis_name`.
+
+  Under `shard_map`'s type check (check_vma, the default) a value already equal on all
+  replicas is left alone: autodiff has already reduced the gradient of replicated params
+  (it is the gradient of whatever global loss the user wrote, e.g. a `pmean` of the local
+  losses). Values that still vary — gradients of each replica's own loss, under `pmap` or
+  `check_vma=False` — are averaged, as the optimizer's statistics of the global batch.
+  """
+  names = frozenset(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+  checked = bool(names & _varying_axes(jax.lax.axis_index(axis_name)))
+
+  def mean(x):
+    if checked and not names & _varying_axes(x):
+      return x
+    return jax.lax.pmean(x, axis_name)
+
+  return jax.tree.map(mean, tree)
+
+
+def _accumulate(stats, state, treedef, layouts, config, finite):
   """Adds this call's statistics to the step's running sums (drop-in, mc_samples > 1).
 
   Returns the statistics to step with (sums / k), whether this call completes a step, and
   the accumulator to carry (zeroed after a completed step). The first call stands alone.
+  A skipped call (`finite` False) adds nothing and completes nothing.
   """
   k = config.mc_samples
   previous = _storage_to_statistics(state.accumulator, treedef, layouts)
-  sums = [None if s is None else jax.tree.map(jnp.add, a, s)
+  weight = finite.astype(jnp.float32)
+  sums = [None if s is None else jax.tree.map(lambda a, x: a + weight.astype(a.dtype) * x,
+                                              a, s)
           for s, a in zip(stats, previous)]
   is_first = state.count == 0
-  complete = is_first | ((state.count - 1) % k == k - 1)
+  complete = finite & (is_first | ((state.count - 1) % k == k - 1))
   divisor = jnp.where(is_first, 1.0, float(k))
   averaged = [None if s is None else jax.tree.map(lambda x: x / divisor, s) for s in sums]
-  carried = [None if s is None else jax.tree.map(
-      lambda x: jnp.where(complete, jnp.zeros_like(x), x), s) for s in sums]
+  keep = 1.0 - complete.astype(jnp.float32)
+  carried = [None if s is None else jax.tree.map(lambda x: keep.astype(x.dtype) * x, s)
+             for s in sums]
   return averaged, complete, _statistics_to_storage(carried, treedef)
 
 
-def _step_leaves(views, stats, layouts, count, config, hp):
-  """One real step for every trainable leaf (the first call only sets factors and bases)."""
+def _step_leaves(views, stats, layouts, count, active, config, hp):
+  """One real step for every trainable leaf, gated by `active` (False: a skipped call).
+
+  The first call only sets factors and bases.
+  """
   is_first = count == 0
   step = jnp.where(is_first, 0, _real_step(jnp.maximum(count, 1), config))
   noisy_step = _noise_on(count, config)
   lr = _learning_rate(hp, jnp.maximum(step, 1), config)
-  hessian_on = (~is_first) & noisy_step
+  moments_on = active & ~is_first
   new_views = []
   for i, (layout, view, s) in enumerate(zip(layouts, views, stats)):
     if view is None:
@@ -432,16 +522,22 @@ def _step_leaves(views, stats, layouts, count, config, hp):
     kind = eigenbasis.refresh_kind(
         is_first, step, config.precondition_frequency, config.refresh_offset(i),
         config.refresh_method)
-    factors_on = jnp.asarray(True)
+    kind = jnp.where(active, kind, eigenbasis.KEEP)
+    factors_on = active
     if config.phasing:  # noisy phases update the factors only when a refresh needs them
-      factors_on = is_first | (~noisy_step) | (kind != eigenbasis.KEEP)
-    flags = (is_first, step, hessian_on, factors_on, kind, lr)
-    new_views.append(_Leaf(*_leaf_step(tuple(view), s, layout, config, hp, flags)))
+      factors_on = active & (is_first | (~noisy_step) | (kind != eigenbasis.KEEP))
+    gates = StepGates(step=step, moments_on=moments_on, hessian_on=moments_on & noisy_step,
+                      factors_on=factors_on, refresh_kind=kind, learning_rate=lr)
+    new_views.append(_Leaf(*_leaf_step(tuple(view), s, layout, config, hp, gates)))
   return new_views
 
 
-def _next_parameters(views, layouts, params, key, noise_scale, config, hp, treedef):
-  """Updates that move the loop's params to the next sample (drop-in) or to the mean."""
+def _next_parameters(views, layouts, params, key, noise_scale, config, hp, treedef, moved):
+  """Updates that move the loop's params to the next sample (drop-in) or to the mean.
+
+  `moved` (0 or 1) scales the updates: a skipped call returns exact zeros.
+  """
+  seeds = _sample_seeds(key, 1, _first_sample(config, 1))[0]
   updates = []
   for i, (layout, view, param) in enumerate(zip(
       layouts, views, treedef.flatten_up_to(params))):
@@ -451,51 +547,63 @@ def _next_parameters(views, layouts, params, key, noise_scale, config, hp, treed
       continue
     eigen = view.mean
     if config.drop_in:
-      normal = _standard_normal(key, 0, i, layout, eigen.dtype)
+      normal = _standard_normal(seeds, i, layout, eigen.dtype)
       eigen = sample_eigen(eigen, view.hessian, normal, noise_scale.astype(eigen.dtype),
                            hp.ess, hp.weight_decay)
     target = from_matrix(rotate_out(eigen, view.basis, config.rotation_precision), layout)
-    updates.append(target.astype(param.dtype) - param)
+    updates.append((target.astype(param.dtype) - param) * moved.astype(param.dtype))
   return treedef.unflatten(updates)
 
 
+def _all_finite(grads, config: EvonConfig) -> jax.Array:
+  """Whether every floating gradient is finite (on every replica, under `axis_name`)."""
+  leaves = [jnp.asarray(g) for g in jax.tree.leaves(grads)]
+  checks = [jnp.all(jnp.isfinite(g)) for g in leaves if jnp.issubdtype(g.dtype, jnp.inexact)]
+  finite = jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+  if config.axis_name is not None:  # replicas must agree, or their states would drift apart
+    finite = jax.lax.pmin(finite.astype(jnp.int32), config.axis_name) > 0
+  return finite
+
+
 def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperparams):
+  """One call. A non-finite gradient skips it: state and mean bit-identical, the updates
+  exactly zero, `skipped` counted. The skip is gated by scalars, not a `lax.cond` around
+  the step, which would make XLA copy the whole state on every call."""
   treedef = jax.tree.structure(state.mean)
   frozen_means = treedef.flatten_up_to(state.mean)
   layouts = [config.layout(m) for m in frozen_means]
   views = _unpack(state, treedef, layouts)
-  stats = _call_statistics(grads, params, state, views, layouts, config, hp)
+  finite = _all_finite(grads, config)
+  stats = _call_statistics(grads, params, state, views, layouts, config, hp, finite)
 
   accumulator = None
   if config.drop_in and config.mc_samples > 1 and state.accumulator is not None:
-    stats, complete, accumulator = _accumulate(stats, state, treedef, layouts, config)
+    stats, complete, accumulator = _accumulate(stats, state, treedef, layouts, config, finite)
+    # Only one call in mc_samples steps: a cond here saves the step's work on the others.
     views = jax.lax.cond(
-        complete, lambda v: _step_leaves(v, stats, layouts, state.count, config, hp),
+        complete, lambda v: _step_leaves(v, stats, layouts, state.count, complete, config, hp),
         lambda v: v, views)
   else:
-    views = _step_leaves(views, stats, layouts, state.count, config, hp)
+    views = _step_leaves(views, stats, layouts, state.count, finite, config, hp)
 
-  next_key = jax.random.split(state.key)[0]
+  count = state.count + finite.astype(state.count.dtype)
+  key = jax.lax.select(finite, jax.random.split(state.key)[0], state.key)
   # Noise flag of the next call's sample; in explicit mode the loop holds the mean while
   # `training_samples` draws the noisy samples from the same flag and key.
-  noise_next = _noise_on(state.count + 1, config).astype(jnp.float32)
-  updates = _next_parameters(views, layouts, params, next_key, noise_next, config, hp, treedef)
+  sample_noise = jnp.where(finite, _noise_on(count, config).astype(jnp.float32),
+                           state.sample_noise)
+  updates = _next_parameters(views, layouts, params, key, sample_noise, config, hp, treedef,
+                             finite.astype(jnp.float32))
   new_state = EvonState(
-      count=state.count + 1,
-      skipped=state.skipped,
-      key=next_key,
-      sample_noise=noise_next,
+      count=count,
+      skipped=state.skipped + (~finite).astype(state.skipped.dtype),
+      key=key,
+      sample_noise=sample_noise,
       ess=jnp.asarray(hp.ess, jnp.float32),
       weight_decay=jnp.asarray(hp.weight_decay, jnp.float32),
       accumulator=accumulator,
       **_pack(views, frozen_means, treedef, layouts))
   return updates, new_state
-
-
-def _all_finite(grads) -> jax.Array:
-  leaves = [jnp.asarray(g) for g in jax.tree.leaves(grads)]
-  checks = [jnp.all(jnp.isfinite(g)) for g in leaves if jnp.issubdtype(g.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
@@ -505,20 +613,13 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
   def init_fn(params):
     return _init_state(params, config, hp, key)
 
-  def step_or_skip(grads, state, params):
-    """A non-finite gradient skips the call: state and mean untouched, `skipped` counted."""
-
-    def skip(operands):
-      _, state, params = operands
-      return (jax.tree.map(jnp.zeros_like, params),
-              state._replace(skipped=state.skipped + 1))
-
-    return jax.lax.cond(_all_finite(grads), lambda ops: _update(*ops, config, hp), skip,
-                        (grads, state, params))
+  def step(grads, state, params):
+    return _update(grads, state, params, config, hp)
 
   # Compiled once per transformation: called eagerly, the update would otherwise retrace
   # its control flow on every call. Inside a user's jit this nested jit is simply inlined.
-  compiled = jax.jit(step_or_skip)
+  # Under `axis_name` it must stay unjitted: collectives need the caller's mapped axis.
+  compiled = step if config.axis_name is not None else jax.jit(step)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -531,7 +632,7 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def training_samples(opt_state, num_samples: int = 1) -> Any:
+def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   """The parameters at which explicit mode (`drop_in=False`) expects the next gradients.
 
   Returns a params-shaped pytree with a leading axis of size `num_samples` (pass the
@@ -539,6 +640,8 @@ def training_samples(opt_state, num_samples: int = 1) -> Any:
   first call (the reference initialises its bases from a gradient at the mean), posterior
   samples afterwards, drawn from the state's key so `update` regenerates the same noise.
   Take gradients with `jax.vmap(jax.grad(loss), in_axes=(0, None))(samples, batch)`.
+  With `replica_noise='independent'`, call it inside the mapped computation and pass the
+  optimizer's `axis_name`, so each replica draws (and `update` regenerates) its own noise.
   """
   from evon_jax._state_search import find_state  # local import: avoids a cycle at load
   state = find_state(opt_state, EvonState)
@@ -546,13 +649,18 @@ def training_samples(opt_state, num_samples: int = 1) -> Any:
   means = treedef.flatten_up_to(state.mean)
   layouts = [leaf_layout(m.shape, m.dtype, max_precond_dim=0, precondition_1d=False)
              for m in means]
+  first = 0
+  if axis_name is not None:
+    first = _first_sample(
+        EvonConfig(axis_name=axis_name, replica_noise="independent"), num_samples)
+  seeds = _sample_seeds(state.key, num_samples, first)
   out = []
   for i, (layout, view, mean) in enumerate(zip(
       layouts, _unpack(state, treedef, layouts), means)):
     if view is None:
       out.append(jnp.broadcast_to(mean, (num_samples,) + mean.shape))
       continue
-    normals = jnp.stack([_standard_normal(state.key, s, i, layout, view.mean.dtype)
+    normals = jnp.stack([_standard_normal(seeds[s], i, layout, view.mean.dtype)
                          for s in range(num_samples)])
     eigen = sample_eigen(view.mean, view.hessian, normals,
                          state.sample_noise.astype(view.mean.dtype), state.ess,

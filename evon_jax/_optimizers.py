@@ -26,6 +26,14 @@ def _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_sample
     raise ValueError("clip_radius must be > 0 (use math.inf for no clipping).")
 
 
+def _check_replicas(axis_name, replica_noise):
+  check.check_choice("replica_noise", replica_noise, ("shared", "independent"))
+  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+    raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
+  if replica_noise == "independent" and axis_name is None:
+    raise ValueError("replica_noise='independent' needs an axis_name to tell replicas apart.")
+
+
 def _is_infinite(value) -> bool:
   v = check._concrete(value)
   return v is not None and math.isinf(v)
@@ -57,6 +65,8 @@ def evon(
     clip_radius: float = math.inf,
     dtype=None,
     rotation_precision="highest",
+    axis_name=None,
+    replica_noise: str = "shared",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenspace Variational Online Newton: IVON in SOAP's eigenbasis (a SOAP-Bubble).
 
@@ -110,6 +120,15 @@ def evon(
       (TF32/bf16) perturbs the sample by ~1e-3 of the weights, which can exceed a narrow
       posterior's width. Pass 'default' to trade that for speed. Refresh and change of basis
       always use full precision.
+    axis_name: name (or tuple of names) of a mapped axis (`shard_map`, `pmap`) over which
+      the Monte-Carlo statistics (g°, z ⊙ g°, the factor gradient) are averaged, so every
+      replica keeps the same posterior. Not needed under plain `jit` with sharded arrays
+      (there XLA inserts the reductions itself). Call `update` inside the mapped function.
+    replica_noise: with `axis_name`, 'shared' (one sample for all replicas: the run equals
+      the single-device run on the global batch) or 'independent' (each replica evaluates
+      its own sample on its shard: MC samples for free, as the PyTorch reference's
+      distributed mode does; the params then differ across replicas, so keep them
+      device-varying). Either way `ess` is the size of the whole training set.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -142,6 +161,7 @@ def evon(
   check.check_choice("refresh_method", refresh_method, ("power_qr", "eigh"))
   check.check_choice("factor_gradient", factor_gradient, ("loss", "regularized"))
   check.check_choice("factor_statistic", factor_statistic, ("mean_gradient", "per_sample"))
+  _check_replicas(axis_name, replica_noise)
   config = EvonConfig(
       use_bases=True, precondition_frequency=precondition_frequency,
       max_precond_dim=max_precond_dim, precondition_1d=precondition_1d, whiten=whiten,
@@ -149,7 +169,8 @@ def evon(
       refresh_method=refresh_method, factor_gradient=factor_gradient,
       factor_statistic=factor_statistic, stagger_refresh=stagger_refresh, rescale_lr=False,
       clip_hessian=hess_clip_ratio is not None, clip_update=not _is_infinite(clip_radius),
-      dtype=dtype, rotation_precision=rotation_precision)
+      dtype=dtype, rotation_precision=rotation_precision, axis_name=axis_name,
+      replica_noise=replica_noise)
   hp = EvonHyperparams(
       learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2,
       shampoo_b=b2 if shampoo_b is None else shampoo_b, eps=eps, weight_decay=weight_decay,
@@ -171,6 +192,8 @@ def ivon(
     key=0,
     drop_in: bool = True,
     dtype=None,
+    axis_name=None,
+    replica_noise: str = "shared",
 ) -> optax.GradientTransformationExtraArgs:
   r"""IVON (Improved Variational Online Newton): a diagonal Gaussian posterior.
 
@@ -178,7 +201,8 @@ def ivon(
   ``ĥ = E G / V``, ``m ← b1 m + (1-b1) g``, ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
   ``μ ← μ - lr' clip((m/(1-b1ᵗ) + δ μ)/(h + δ), clip_radius)`` with
   ``lr' = lr (hess_init + δ)`` when ``rescale_lr``. Posterior ``N(μ, 1/(ess (h + δ)))``.
-  Drop-in and explicit modes, ``mc_samples`` and ``key`` behave as in `evon`.
+  Drop-in and explicit modes, ``mc_samples``, ``key``, ``axis_name`` and ``replica_noise``
+  behave as in `evon`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, evon_jax
@@ -192,9 +216,11 @@ def ivon(
   """
   _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
                 clip_radius)
+  _check_replicas(axis_name, replica_noise)
   config = EvonConfig(
       use_bases=False, whiten=False, phasing=False, mc_samples=mc_samples, drop_in=drop_in,
-      rescale_lr=rescale_lr, clip_update=not _is_infinite(clip_radius), dtype=dtype)
+      rescale_lr=rescale_lr, clip_update=not _is_infinite(clip_radius), dtype=dtype,
+      axis_name=axis_name, replica_noise=replica_noise)
   hp = EvonHyperparams(
       learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, shampoo_b=b2,
       eps=0.0, weight_decay=weight_decay, hess_clip_ratio=None, clip_radius=clip_radius)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from evon_jax import eigenbasis
+from evon_jax._gating import ema_coefficients, scale_if
 from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
 from evon_jax.kronecker import (
     empty_pair, ema, factor_statistics, pairs_to_storage, rotate_in, rotate_out,
@@ -56,20 +57,22 @@ class SoapConfig:
 
 def _soap_leaf(grad, mu, nu, factors, basis, layout, config, b1, b2, shampoo_b, eps, count):
   is_first = count == 0
+  moves = ~is_first  # the first call only initialises factors and bases (gated by scalars)
+  b1_keep, b1_take = ema_coefficients(b1, moves)
+  b2_keep, b2_take = ema_coefficients(b2, moves)
   rotated = rotate_in(grad, basis, config.rotation_precision)
-  new_mu = b1 * mu + (1 - b1) * rotated
-  new_nu = b2 * nu + (1 - b2) * rotated * rotated
+  new_mu = (b1_keep * mu + b1_take * rotated).astype(mu.dtype)
+  new_nu = (b2_keep * nu + b2_take * rotated * rotated).astype(nu.dtype)
   t = jnp.maximum(count, 1)
-  scale = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-  direction = scale * new_mu / (jnp.sqrt(new_nu) + eps)
+  scale = scale_if(jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t), moves)
+  # On the first call mu = nu = 0: the +1 in the denominator keeps 0 / 0 out even with eps=0.
+  direction = scale * new_mu / (jnp.sqrt(new_nu) + eps + is_first.astype(new_nu.dtype))
   # SOAP rotates its direction out with the basis it was computed in (before any refresh).
-  direction = jnp.where(is_first, 0.0, rotate_out(direction, basis, config.rotation_precision))
-  mu = jnp.where(is_first, mu, new_mu)
-  nu = jnp.where(is_first, nu, new_nu)
+  direction = rotate_out(direction, basis, config.rotation_precision)
   factors = ema(factors, factor_statistics(grad, layout), shampoo_b)
   kind = eigenbasis.refresh_kind(is_first, count, config.precondition_frequency, 0, "power_qr")
-  basis, (mu,) = eigenbasis.refresh(kind, factors, basis, (mu,))
-  return direction, mu, nu, factors, basis
+  basis, (mu,) = eigenbasis.refresh(kind, factors, basis, (new_mu,))
+  return direction, mu, new_nu, factors, basis
 
 
 def scale_by_soap(

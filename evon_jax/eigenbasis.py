@@ -33,6 +33,19 @@ def power_qr(factor: jax.Array, basis: jax.Array) -> jax.Array:
   return q
 
 
+def canonical_signs(basis: jax.Array) -> jax.Array:
+  """Flips each column so that its largest-magnitude entry is positive.
+
+  Eigenvectors (and QR's columns) are defined up to sign, and LAPACK, cuSOLVER or a
+  different reduction order can pick either. The posterior does not depend on the choice,
+  but a sample does (the same eigen-coordinate noise lands on ±q): fixing the sign makes
+  runs on different devices or shardings draw the same samples from the same key.
+  """
+  rows = jnp.argmax(jnp.abs(basis), axis=0)
+  pivots = jnp.take_along_axis(basis, rows[None, :], axis=0)
+  return basis * jnp.where(pivots < 0, -1.0, 1.0).astype(basis.dtype)
+
+
 def _keep_if_not_finite(new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(jnp.all(jnp.isfinite(new)), new, old)
 
@@ -44,7 +57,7 @@ def _refresh_side(kind: int, factor: jax.Array, basis: jax.Array) -> jax.Array:
       kind,
       [lambda f, q: q, power_qr, lambda f, q: eigh_descending(f)],
       factor32, basis32)
-  return _keep_if_not_finite(new, basis32).astype(basis.dtype)
+  return _keep_if_not_finite(canonical_signs(new), basis32).astype(basis.dtype)
 
 
 def refresh(

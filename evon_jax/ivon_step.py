@@ -31,10 +31,15 @@ def clip_hessian_estimate(estimate, hessian, ratio, eps):
   return jnp.clip(estimate, -bound, bound)
 
 
-def ivon_hessian_update(hessian, estimate, b2, weight_decay):
-  """IVON's Hessian EMA with the second-order correction that keeps H positive."""
-  correction = 0.5 * (1 - b2) ** 2 * (hessian - estimate) ** 2 / (hessian + weight_decay)
-  return b2 * hessian + (1 - b2) * estimate + correction
+def ivon_hessian_update(hessian, estimate, b2, weight_decay, one_minus_b2=None):
+  """IVON's Hessian EMA with the second-order correction that keeps H positive.
+
+  `one_minus_b2` may be passed separately (see `_gating.ema_coefficients`): (b2, 0) then
+  leaves H exactly unchanged.
+  """
+  take = 1 - b2 if one_minus_b2 is None else one_minus_b2
+  correction = 0.5 * take ** 2 * (hessian - estimate) ** 2 / (hessian + weight_decay)
+  return b2 * hessian + take * estimate + correction
 
 
 def ivon_direction(momentum, bias_correction, mean, hessian, weight_decay, eps):

@@ -55,9 +55,13 @@ def mean_factor_statistics(grads: jax.Array, layout: LeafLayout) -> KroneckerPai
   return KroneckerPair(left, right)
 
 
-def ema(old: KroneckerPair, new: KroneckerPair, decay) -> KroneckerPair:
-  """Exponential moving average side by side; identity sides stay `None`."""
-  return jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, old, new)
+def ema(old: KroneckerPair, new: KroneckerPair, decay, one_minus_decay=None) -> KroneckerPair:
+  """Exponential moving average side by side; identity sides stay `None`.
+
+  `one_minus_decay` may be passed separately (see `_gating.ema_coefficients`).
+  """
+  take = 1 - decay if one_minus_decay is None else one_minus_decay
+  return jax.tree.map(lambda a, b: decay * a + take * b, old, new)
 
 
 def rotate_in(x: jax.Array, basis: KroneckerPair, precision=None) -> jax.Array:

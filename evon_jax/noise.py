@@ -4,7 +4,8 @@ EVON draws one normal per parameter per call (the next sample) and regenerates t
 draw from its key (for the Hessian estimate), so the generator's speed is part of the step
 cost. On CPU, JAX's threefry bit generation costs about as much as a full set of rotations;
 `'hash'` instead draws the bits with a keyed integer hash of the element index (two rounds
-of MurmurHash3's 32-bit finaliser, seeded by 64 threefry bits per call and leaf) and maps
+of MurmurHash3's 32-bit finaliser, seeded by 64 threefry bits per key, which are hashed
+with a stream index so that all leaves of a call share one threefry call) and maps
 them to normals with the same inverse-CDF transform `jax.random.normal` uses. It is a few
 times faster, stateless and shards like any elementwise op. `'threefry'` is
 `jax.random.normal` itself.
@@ -30,10 +31,21 @@ def _fmix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _hash_bits(key: jax.Array, shape) -> jax.Array:
-  seeds = jax.random.bits(key, (2,), jnp.uint32)
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive stream indices apart
+
+
+def stream_seeds(key: jax.Array) -> jax.Array:
+  """The 64 threefry bits that seed every stream of one key (one threefry call per key)."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def _hash_bits(seeds: jax.Array, stream: int, shape) -> jax.Array:
+  """Keyed hash of the element index; `stream` (e.g. a leaf's index) picks an independent
+  sequence by hashing it into the seeds, so many leaves share one threefry call."""
+  s0 = _fmix32(seeds[0] ^ jnp.uint32((_GOLDEN * (stream + 1)) & 0xFFFFFFFF))
+  s1 = _fmix32(seeds[1] + jnp.uint32(stream & 0xFFFFFFFF))
   index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-  return _fmix32(_fmix32(index ^ seeds[0]) + seeds[1])
+  return _fmix32(_fmix32(index ^ s0) + s1)
 
 
 def _bits_to_normal(bits: jax.Array) -> jax.Array:
@@ -48,4 +60,10 @@ def standard_normal(key: jax.Array, shape, dtype=jnp.float32,
   """N(0, 1) draws of `shape`, a deterministic function of `key` (and the generator)."""
   if generator == "threefry":
     return jax.random.normal(key, shape, dtype)
-  return _bits_to_normal(_hash_bits(key, tuple(shape))).astype(dtype)
+  return standard_normal_from_seeds(stream_seeds(key), 0, shape, dtype)
+
+
+def standard_normal_from_seeds(seeds: jax.Array, stream: int, shape,
+                               dtype=jnp.float32) -> jax.Array:
+  """'hash' draws of stream `stream` under `stream_seeds(key)`: independent across streams."""
+  return _bits_to_normal(_hash_bits(seeds, stream, tuple(shape))).astype(dtype)
