@@ -191,6 +191,7 @@ class StepGates(NamedTuple):
     factors_on: the Kronecker factors take this call's statistics.
     refresh_kind: KEEP / POWER_QR / EIGH for this leaf.
     learning_rate: the step's learning rate.
+    finite: the call's gradients are finite (else its factor statistic is zeroed).
   """
 
   step: jax.Array
@@ -199,6 +200,7 @@ class StepGates(NamedTuple):
   factors_on: jax.Array
   refresh_kind: jax.Array
   learning_rate: Any
+  finite: jax.Array
 
 
 def _leaf_step(leaf, stats: SampleStatistics, layout, config, hp, gates: StepGates):
@@ -232,7 +234,7 @@ def _leaf_step(leaf, stats: SampleStatistics, layout, config, hp, gates: StepGat
   if stats.factor_outer is not None:
     statistic = stats.factor_outer
   else:
-    statistic = factor_statistics(stats.factor_grad, layout)
+    statistic = _zero_unless(gates.finite, factor_statistics(stats.factor_grad, layout))
   factors = ema(factors, statistic, *ema_coefficients(hp.shampoo_b, gates.factors_on))
   factors = jax.tree.map(lambda new, old: new.astype(old.dtype), factors, leaf[3])
   basis, (momentum, mean) = eigenbasis.refresh(
@@ -419,8 +421,11 @@ def _first_sample(config: EvonConfig, per_call: int):
 def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
   """Monte-Carlo statistics of this call's gradient(s), per leaf (None when frozen).
 
-  Gradients of a call that is skipped (`finite` False) are replaced by zeros here, so that
-  the gated-off step below multiplies finite numbers by zero and leaves the state exact.
+  The statistics of a call that is skipped (`finite` False) are replaced by zeros, so that
+  the gated-off step multiplies finite numbers by zero and leaves the state exact. The
+  select is applied to the statistics, not to the gradient: there it fuses into the
+  elementwise update that reads them, while a select on the gradient would be a pass of
+  its own (its consumer is a matrix product, which XLA does not fuse into).
   """
   treedef = jax.tree.structure(state.mean)
   per_call = 1 if config.drop_in else config.mc_samples
@@ -433,7 +438,6 @@ def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
       continue
     dtype = view.mean.dtype
     grad_stack = _validate_grads_shape(jnp.asarray(grad), layout, config, i).astype(dtype)
-    grad_stack = jnp.where(finite, grad_stack, jnp.zeros((), dtype))
     normals = jnp.stack([
         _standard_normal(seeds[s], i, layout, dtype) for s in range(grad_stack.shape[0])
     ]) * state.sample_noise.astype(dtype)
@@ -449,7 +453,15 @@ def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
         grad_stack, thetas, normals, view.basis, layout, config, hp.weight_decay))
   if config.axis_name is not None:  # data parallel: the statistics of the global batch
     stats = _replica_mean(stats, config.axis_name)
-  return stats
+  # The factor gradient feeds a product (G Gᵀ): its statistic is cleaned in `_leaf_step`.
+  return [None if st is None else st._replace(
+      rotated_grad=_zero_unless(finite, st.rotated_grad),
+      normal_times_grad=_zero_unless(finite, st.normal_times_grad),
+      factor_outer=_zero_unless(finite, st.factor_outer)) for st in stats]
+
+
+def _zero_unless(finite, tree):
+  return jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros((), x.dtype)), tree)
 
 
 def _varying_axes(x) -> frozenset:
@@ -490,9 +502,7 @@ def _accumulate(stats, state, treedef, layouts, config, finite):
   """
   k = config.mc_samples
   previous = _storage_to_statistics(state.accumulator, treedef, layouts)
-  weight = finite.astype(jnp.float32)
-  sums = [None if s is None else jax.tree.map(lambda a, x: a + weight.astype(a.dtype) * x,
-                                              a, s)
+  sums = [None if s is None else jax.tree.map(jnp.add, a, _zero_unless(finite, s))
           for s, a in zip(stats, previous)]
   is_first = state.count == 0
   complete = finite & (is_first | ((state.count - 1) % k == k - 1))
@@ -527,7 +537,8 @@ def _step_leaves(views, stats, layouts, count, active, config, hp):
     if config.phasing:  # noisy phases update the factors only when a refresh needs them
       factors_on = active & (is_first | (~noisy_step) | (kind != eigenbasis.KEEP))
     gates = StepGates(step=step, moments_on=moments_on, hessian_on=moments_on & noisy_step,
-                      factors_on=factors_on, refresh_kind=kind, learning_rate=lr)
+                      factors_on=factors_on, refresh_kind=kind, learning_rate=lr,
+                      finite=active)
     new_views.append(_Leaf(*_leaf_step(tuple(view), s, layout, config, hp, gates)))
   return new_views
 
