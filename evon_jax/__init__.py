@@ -14,9 +14,10 @@ from evon_jax.kronecker import KroneckerPair
 
 # Arguments that fix shapes or branches: pass them as `static_args` to optax.inject_hyperparams
 # (e.g. `optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)`).
-STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "mc_samples", "key")
+# `stacked_dims` may be a callable, which inject_hyperparams would otherwise take for a schedule.
+STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "mc_samples", "key", "stacked_dims")
 IVON_STATIC_ARGS = ("mc_samples", "key")
-SOAP_STATIC_ARGS = ("precondition_frequency", "max_precond_dim")
+SOAP_STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "stacked_dims")
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,8 @@ import optax
 
 from evon_jax import eigenbasis, ivon_step, noise, whitening
 from evon_jax._gating import ema_coefficients, scale_if
-from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
+from evon_jax._layout import (
+    LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype, tree_layouts)
 from evon_jax.kronecker import (
     KroneckerPair, empty_pair, ema, factor_statistics, mean_factor_statistics,
     pairs_to_storage, rotate_in, rotate_out, storage_to_pairs)
@@ -102,11 +103,12 @@ class EvonConfig:
   rotation_precision: Any = "highest"
   axis_name: Any = None
   replica_noise: ReplicaNoise = "shared"
+  stacked_dims: Any = None
 
-  def layout(self, leaf) -> LeafLayout:
-    return leaf_layout(
-        leaf.shape, leaf.dtype, max_precond_dim=self.max_precond_dim,
-        precondition_1d=self.precondition_1d, use_bases=self.use_bases)
+  def layouts(self, tree) -> list[LeafLayout]:
+    return tree_layouts(tree, max_precond_dim=self.max_precond_dim,
+                        precondition_1d=self.precondition_1d, use_bases=self.use_bases,
+                        stacked_dims=self.stacked_dims)
 
   def refresh_offset(self, leaf_index: int) -> int:
     return leaf_index % self.precondition_frequency if self.stagger_refresh else 0
@@ -162,7 +164,7 @@ def _standard_normal(seeds, leaf_index, layout: LeafLayout, dtype):
   seeds come from one threefry call per sample, shared by all leaves (compile time grows
   with the number of threefry calls; ~4x on a 54-leaf model with one per leaf).
   """
-  return noise.standard_normal_from_seeds(seeds, leaf_index, (layout.rows, layout.cols), dtype)
+  return noise.standard_normal_from_seeds(seeds, leaf_index, layout.matrix_shape, dtype)
 
 
 # ----------------------------------------------------------------------------- per-leaf maths
@@ -251,9 +253,9 @@ def _validate_grads_shape(grad, layout, config, leaf_index):
   if not config.drop_in:
     stacked = (config.mc_samples,) + layout.shape
     if tuple(grad.shape) == stacked:
-      return jnp.reshape(grad, (config.mc_samples, layout.rows, layout.cols))
+      return jnp.reshape(grad, (config.mc_samples,) + layout.matrix_shape)
     if config.mc_samples == 1 and tuple(grad.shape) == expected:
-      return jnp.reshape(grad, (1, layout.rows, layout.cols))
+      return jnp.reshape(grad, (1,) + layout.matrix_shape)
     raise ValueError(
         f"Leaf {leaf_index}: explicit mode (drop_in=False) expects gradients of shape "
         f"{stacked} (one per training sample), got {tuple(grad.shape)}.")
@@ -261,7 +263,7 @@ def _validate_grads_shape(grad, layout, config, leaf_index):
     raise ValueError(
         f"Leaf {leaf_index}: gradient shape {tuple(grad.shape)} does not match the parameter "
         f"shape {expected} the optimizer was initialised with.")
-  return jnp.reshape(grad, (1, layout.rows, layout.cols))
+  return jnp.reshape(grad, (1,) + layout.matrix_shape)
 
 
 class _Leaf(NamedTuple):
@@ -345,7 +347,7 @@ def _storage_to_statistics(stored: SampleStatistics, treedef, layouts):
 def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonState:
   leaves, treedef = jax.tree.flatten(params)
   leaves = [jnp.asarray(leaf) for leaf in leaves]
-  layouts = [config.layout(leaf) for leaf in leaves]
+  layouts = config.layouts(treedef.unflatten(leaves))
   views, accumulators = [], []
   for leaf, layout in zip(leaves, layouts):
     if not layout.trainable:
@@ -353,12 +355,12 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
       accumulators.append(None)
       continue
     dtype = state_dtype(leaf.dtype, config.dtype)
-    zeros = jnp.zeros((layout.rows, layout.cols), dtype)
+    zeros = jnp.zeros(layout.matrix_shape, dtype)
     views.append(_Leaf(
         # A copy: a mean that aliased the params buffer would break buffer donation.
         mean=jnp.array(as_matrix(leaf, layout), dtype=dtype, copy=True),
         momentum=zeros,
-        hessian=jnp.full((layout.rows, layout.cols), hp.hess_init, dtype),
+        hessian=jnp.full(layout.matrix_shape, hp.hess_init, dtype),
         factors=empty_pair(layout, dtype, "zeros"),
         basis=empty_pair(layout, dtype, "eye")))
     per_sample = config.factor_statistic == "per_sample"
@@ -582,7 +584,7 @@ def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperpa
   the step, which would make XLA copy the whole state on every call."""
   treedef = jax.tree.structure(state.mean)
   frozen_means = treedef.flatten_up_to(state.mean)
-  layouts = [config.layout(m) for m in frozen_means]
+  layouts = config.layouts(state.mean)
   views = _unpack(state, treedef, layouts)
   finite = _all_finite(grads, config)
   stats = _call_statistics(grads, params, state, views, layouts, config, hp, finite)
@@ -643,6 +645,21 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def stored_layouts(state: EvonState) -> list[LeafLayout]:
+  """Leaf layouts as the state records them: the number of stacked dims from the rank of a
+  stored basis (a leaf without bases is elementwise, so its stacking does not matter; the
+  noise, drawn by flat index, is the same either way)."""
+  treedef = jax.tree.structure(state.mean)
+  layouts = []
+  for mean, pair in zip(treedef.flatten_up_to(state.mean),
+                        storage_to_pairs(state.bases, treedef)):
+    side = pair.left if pair.left is not None else pair.right
+    stacked = 0 if side is None else side.ndim - 2
+    layouts.append(leaf_layout(mean.shape, mean.dtype, max_precond_dim=0,
+                               precondition_1d=False, stacked_dims=stacked))
+  return layouts
+
+
 def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   """The parameters at which explicit mode (`drop_in=False`) expects the next gradients.
 
@@ -658,8 +675,7 @@ def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   state = find_state(opt_state, EvonState)
   treedef = jax.tree.structure(state.mean)
   means = treedef.flatten_up_to(state.mean)
-  layouts = [leaf_layout(m.shape, m.dtype, max_precond_dim=0, precondition_1d=False)
-             for m in means]
+  layouts = stored_layouts(state)
   first = 0
   if axis_name is not None:
     first = _first_sample(

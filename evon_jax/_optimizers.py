@@ -67,6 +67,7 @@ def evon(
     rotation_precision="highest",
     axis_name=None,
     replica_noise: str = "shared",
+    stacked_dims=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenspace Variational Online Newton: IVON in SOAP's eigenbasis (a SOAP-Bubble).
 
@@ -129,6 +130,12 @@ def evon(
       its own sample on its shard: MC samples for free, as the PyTorch reference's
       distributed mode does; the params then differ across replicas, so keep them
       device-varying). Either way `ess` is the size of the whole training set.
+    stacked_dims: leading dims of a leaf that index stacked, independent matrices — e.g. 1
+      for the (layers, m, n) kernels of blocks stacked by `nnx.scan`, so each layer gets its
+      own factors and bases instead of one (layers·m) x n matrix view. An int for every
+      leaf (capped at each leaf's rank) or a callable `(path, leaf) -> int`, e.g.
+      ``lambda path, leaf: 1 if "blocks" in jax.tree_util.keystr(path) else 0``.
+      Default None: no stacked dims (all but the last dim are merged into rows).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -162,6 +169,7 @@ def evon(
   check.check_choice("factor_gradient", factor_gradient, ("loss", "regularized"))
   check.check_choice("factor_statistic", factor_statistic, ("mean_gradient", "per_sample"))
   _check_replicas(axis_name, replica_noise)
+  check.check_stacked_dims(stacked_dims)
   config = EvonConfig(
       use_bases=True, precondition_frequency=precondition_frequency,
       max_precond_dim=max_precond_dim, precondition_1d=precondition_1d, whiten=whiten,
@@ -170,7 +178,7 @@ def evon(
       factor_statistic=factor_statistic, stagger_refresh=stagger_refresh, rescale_lr=False,
       clip_hessian=hess_clip_ratio is not None, clip_update=not _is_infinite(clip_radius),
       dtype=dtype, rotation_precision=rotation_precision, axis_name=axis_name,
-      replica_noise=replica_noise)
+      replica_noise=replica_noise, stacked_dims=stacked_dims)
   hp = EvonHyperparams(
       learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2,
       shampoo_b=b2 if shampoo_b is None else shampoo_b, eps=eps, weight_decay=weight_decay,

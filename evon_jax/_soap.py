@@ -17,7 +17,7 @@ import optax
 
 from evon_jax import eigenbasis
 from evon_jax._gating import ema_coefficients, scale_if
-from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype
+from evon_jax._layout import LeafLayout, as_matrix, from_matrix, state_dtype, tree_layouts
 from evon_jax.kronecker import (
     empty_pair, ema, factor_statistics, pairs_to_storage, rotate_in, rotate_out,
     storage_to_pairs)
@@ -49,10 +49,11 @@ class SoapConfig:
   precondition_1d: bool = False
   dtype: Any = None
   rotation_precision: Any = "highest"
+  stacked_dims: Any = None
 
-  def layout(self, leaf) -> LeafLayout:
-    return leaf_layout(leaf.shape, leaf.dtype, max_precond_dim=self.max_precond_dim,
-                       precondition_1d=self.precondition_1d)
+  def layouts(self, tree) -> list[LeafLayout]:
+    return tree_layouts(tree, max_precond_dim=self.max_precond_dim,
+                        precondition_1d=self.precondition_1d, stacked_dims=self.stacked_dims)
 
 
 def _soap_leaf(grad, mu, nu, factors, basis, layout, config, b1, b2, shampoo_b, eps, count):
@@ -86,6 +87,7 @@ def scale_by_soap(
     precondition_1d: bool = False,
     dtype=None,
     rotation_precision="highest",
+    stacked_dims=None,
 ) -> optax.GradientTransformation:
   """Rescales updates with Adam run in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -105,6 +107,7 @@ def scale_by_soap(
     precondition_1d: give 1-D leaves a full basis too (else plain Adam on them).
     dtype: dtype of statistics (default float32, wider if params are wider).
     rotation_precision: `jax.lax.Precision` of the per-step rotations.
+    stacked_dims: leading dims that index stacked, independent matrices (see `evon`).
 
   Returns:
     An optax transformation; chain `add_decayed_weights` and a learning rate (see `soap`).
@@ -120,15 +123,15 @@ def scale_by_soap(
   check.check_non_negative("eps", eps)
   check.check_static_int("precondition_frequency", precondition_frequency, 1)
   check.check_static_int("max_precond_dim", max_precond_dim, 0)
+  check.check_stacked_dims(stacked_dims)
   config = SoapConfig(precondition_frequency, max_precond_dim, precondition_1d, dtype,
-                      rotation_precision)
+                      rotation_precision, stacked_dims)
   factor_decay = b2 if shampoo_b is None else shampoo_b
 
   def init_fn(params):
     mus, nus, factors, bases = [], [], [], []
     leaves, treedef = jax.tree.flatten(params)
-    for leaf in leaves:
-      layout = config.layout(leaf)
+    for leaf, layout in zip(leaves, config.layouts(params)):
       sd = state_dtype(leaf.dtype, config.dtype)
       shape = layout.shape if layout.trainable else (0,)
       mus.append(jnp.zeros(shape, sd))
@@ -143,11 +146,11 @@ def scale_by_soap(
     del params
     treedef = jax.tree.structure(state.mu)
     outs, mus, nus, factors, bases = [], [], [], [], []
-    for i, (grad, mu, nu, factor, basis) in enumerate(zip(
-        treedef.flatten_up_to(updates), treedef.flatten_up_to(state.mu),
+    layouts = config.layouts(treedef.unflatten(treedef.flatten_up_to(updates)))
+    for i, (layout, grad, mu, nu, factor, basis) in enumerate(zip(
+        layouts, treedef.flatten_up_to(updates), treedef.flatten_up_to(state.mu),
         treedef.flatten_up_to(state.nu), storage_to_pairs(state.factors, treedef),
         storage_to_pairs(state.bases, treedef))):
-      layout = config.layout(grad)
       if layout.trainable and mu.shape != layout.shape:
         raise ValueError(f"Leaf {i}: gradient shape {layout.shape} does not match the "
                          f"parameter shape {mu.shape} the optimizer was initialised with.")
@@ -180,6 +183,7 @@ def soap(
     precondition_frequency: int = 10,
     max_precond_dim: int = 10000,
     precondition_1d: bool = False,
+    stacked_dims=None,
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP with decoupled weight decay: chain(scale_by_soap, add_decayed_weights, -lr).
 
@@ -195,7 +199,8 @@ def soap(
   check.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
       scale_by_soap(b1, b2, shampoo_b, eps, precondition_frequency=precondition_frequency,
-                    max_precond_dim=max_precond_dim, precondition_1d=precondition_1d),
+                    max_precond_dim=max_precond_dim, precondition_1d=precondition_1d,
+                    stacked_dims=stacked_dims),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )

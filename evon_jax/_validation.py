@@ -59,3 +59,11 @@ def check_static_int(name, value, minimum):
 def check_choice(name, value, choices):
   if value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def check_stacked_dims(stacked_dims):
+  if stacked_dims is None or callable(stacked_dims):
+    return
+  if isinstance(stacked_dims, bool) or not isinstance(stacked_dims, int) or stacked_dims < 0:
+    raise ValueError("stacked_dims must be None, a non-negative int or a callable "
+                     f"(path, leaf) -> int, got {stacked_dims!r}.")

@@ -22,9 +22,9 @@ RefreshMethod = Literal["power_qr", "eigh"]
 
 def eigh_descending(factor: jax.Array) -> jax.Array:
   """Eigenvectors of a symmetric factor, columns in descending eigenvalue order."""
-  symmetric = 0.5 * (factor + factor.T)
+  symmetric = 0.5 * (factor + jnp.swapaxes(factor, -1, -2))
   _, vectors = jnp.linalg.eigh(symmetric)
-  return vectors[:, ::-1]
+  return vectors[..., ::-1]
 
 
 def power_qr(factor: jax.Array, basis: jax.Array) -> jax.Array:
@@ -41,8 +41,8 @@ def canonical_signs(basis: jax.Array) -> jax.Array:
   but a sample does (the same eigen-coordinate noise lands on ±q): fixing the sign makes
   runs on different devices or shardings draw the same samples from the same key.
   """
-  rows = jnp.argmax(jnp.abs(basis), axis=0)
-  pivots = jnp.take_along_axis(basis, rows[None, :], axis=0)
+  rows = jnp.argmax(jnp.abs(basis), axis=-2)
+  pivots = jnp.take_along_axis(basis, rows[..., None, :], axis=-2)
   return basis * jnp.where(pivots < 0, -1.0, 1.0).astype(basis.dtype)
 
 

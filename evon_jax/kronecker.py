@@ -18,6 +18,11 @@ from evon_jax._layout import LeafLayout
 _EXACT = jax.lax.Precision.HIGHEST
 
 
+def _t(x: jax.Array) -> jax.Array:
+  """Transpose of the last two axes (leading axes index stacked matrices)."""
+  return jnp.swapaxes(x, -1, -2)
+
+
 class KroneckerPair(NamedTuple):
   """A left (rows) and right (columns) square matrix; `None` marks an identity side."""
 
@@ -29,7 +34,10 @@ def empty_pair(layout: LeafLayout, dtype, fill: str) -> KroneckerPair:
   """Zero factors (`fill='zeros'`) or identity bases (`fill='eye'`) for the rotated sides."""
 
   def make(size):
-    return jnp.eye(size, dtype=dtype) if fill == "eye" else jnp.zeros((size, size), dtype)
+    shape = layout.batch + (size, size)
+    if fill == "eye":
+      return jnp.array(jnp.broadcast_to(jnp.eye(size, dtype=dtype), shape))
+    return jnp.zeros(shape, dtype)
 
   return KroneckerPair(
       make(layout.rows) if layout.left else None,
@@ -38,8 +46,8 @@ def empty_pair(layout: LeafLayout, dtype, fill: str) -> KroneckerPair:
 
 def factor_statistics(grad: jax.Array, layout: LeafLayout) -> KroneckerPair:
   """Shampoo's statistics G Gᵀ and Gᵀ G of one matrix gradient (only for rotated sides)."""
-  left = jnp.matmul(grad, grad.T, precision=_EXACT) if layout.left else None
-  right = jnp.matmul(grad.T, grad, precision=_EXACT) if layout.right else None
+  left = jnp.matmul(grad, _t(grad), precision=_EXACT) if layout.left else None
+  right = jnp.matmul(_t(grad), grad, precision=_EXACT) if layout.right else None
   return KroneckerPair(left, right)
 
 
@@ -47,10 +55,10 @@ def mean_factor_statistics(grads: jax.Array, layout: LeafLayout) -> KroneckerPai
   """Average over a leading sample axis of per-sample statistics G_s G_sᵀ and G_sᵀ G_s."""
   count = grads.shape[0]
   left = (
-      jnp.einsum("sij,skj->ik", grads, grads, precision=_EXACT) / count
+      jnp.einsum("s...ij,s...kj->...ik", grads, grads, precision=_EXACT) / count
       if layout.left else None)
   right = (
-      jnp.einsum("sji,sjk->ik", grads, grads, precision=_EXACT) / count
+      jnp.einsum("s...ji,s...jk->...ik", grads, grads, precision=_EXACT) / count
       if layout.right else None)
   return KroneckerPair(left, right)
 
@@ -67,7 +75,7 @@ def ema(old: KroneckerPair, new: KroneckerPair, decay, one_minus_decay=None) -> 
 def rotate_in(x: jax.Array, basis: KroneckerPair, precision=None) -> jax.Array:
   """Parameter coordinates to eigen coordinates: Q_Lᵀ X Q_R (leading batch dims allowed)."""
   if basis.left is not None:
-    x = jnp.matmul(basis.left.T, x, precision=precision)
+    x = jnp.matmul(_t(basis.left), x, precision=precision)
   if basis.right is not None:
     x = jnp.matmul(x, basis.right, precision=precision)
   return x
@@ -78,7 +86,7 @@ def rotate_out(x: jax.Array, basis: KroneckerPair, precision=None) -> jax.Array:
   if basis.left is not None:
     x = jnp.matmul(basis.left, x, precision=precision)
   if basis.right is not None:
-    x = jnp.matmul(x, basis.right.T, precision=precision)
+    x = jnp.matmul(x, _t(basis.right), precision=precision)
   return x
 
 
@@ -89,11 +97,11 @@ def change_basis(x: jax.Array, old: KroneckerPair, new: KroneckerPair) -> jax.Ar
   per side, always at full float32 precision because errors here accumulate over refreshes.
   """
   transition = jax.tree.map(
-      lambda n, o: jnp.matmul(n.T, o, precision=_EXACT), new, old)
+      lambda n, o: jnp.matmul(_t(n), o, precision=_EXACT), new, old)
   if transition.left is not None:
     x = jnp.matmul(transition.left, x, precision=_EXACT)
   if transition.right is not None:
-    x = jnp.matmul(x, transition.right.T, precision=_EXACT)
+    x = jnp.matmul(x, _t(transition.right), precision=_EXACT)
   return x
 
 

@@ -18,25 +18,36 @@ _NS_STEPS = 5
 _NORM_EPS = 1e-7
 
 
+def _t(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _frobenius(x: jax.Array) -> jax.Array:
+  """Norm of each matrix of a stack (the last two axes), kept for broadcasting."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+
+
 def newton_schulz(x: jax.Array, steps: int = _NS_STEPS) -> jax.Array:
-  """Approximately orthogonalises a matrix (pushes its singular values towards one)."""
+  """Approximately orthogonalises a matrix, or each of a stack (the last two axes)."""
   a, b, c = _NS_COEFFICIENTS
-  transpose = x.shape[0] > x.shape[1]
+  transpose = x.shape[-2] > x.shape[-1]
   if transpose:
-    x = x.T
-  x = x / (jnp.linalg.norm(x) + _NORM_EPS)
+    x = _t(x)
+  x = x / (_frobenius(x) + _NORM_EPS)
   for _ in range(steps):
-    gram = x @ x.T
+    gram = x @ _t(x)
     x = a * x + (b * gram + c * gram @ gram) @ x
-  return x.T if transpose else x
+  return _t(x) if transpose else x
 
 
 def l2_normalise(x: jax.Array) -> jax.Array:
-  return x / (jnp.linalg.norm(x) + _NORM_EPS)
+  """Unit Frobenius norm for a matrix, or for each of a stack (the last two axes)."""
+  return x / (_frobenius(x) + _NORM_EPS)
 
 
 def whiten(update: jax.Array, layout: LeafLayout) -> jax.Array:
-  """Whitens the (rows, cols) update of a leaf: NS for matrices, L2 for vectors and scalars."""
-  if len(layout.shape) >= 2:
+  """Whitens the (rows, cols) update of a leaf: NS for matrices, L2 for vectors and scalars
+  (per stacked matrix when the leaf has stacked dims)."""
+  if len(layout.shape) - len(layout.batch) >= 2:
     return newton_schulz(update)
   return l2_normalise(update)
