@@ -129,6 +129,10 @@ def summary_markdown(results: dict) -> str:
                f"{machine['load_average_1_5_15'][0]:.2f}, jax {machine['jax']}, "
                f"LAPACK (OpenBLAS) threads {machine['lapack_threads']}.")
   lines.append("")
+  if results.get("section_runs"):
+    runs = ", ".join(f"{name} {run.get('date_utc')} ({run.get('git_commit')})"
+                     for name, run in results["section_runs"].items() if run)
+    lines += [f"Sections measured: {runs}.", ""]
   if results.get("headline"):
     lines += ["| headline | value |", "| --- | --- |"]
     for key, value in results["headline"].items():
@@ -231,6 +235,20 @@ def summary_markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _git_commit(directory: str):
+  """The checked-out commit (with '+dirty' for uncommitted changes), or None."""
+  import subprocess
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=directory,
+                          capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=directory, capture_output=True, text=True,
+                           timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return (head + ("+dirty" if dirty else "")) or None
+
+
 def _write_json(results: dict, out_dir: str):
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=str)
@@ -248,6 +266,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--lapack-threads", type=int, default=None,
                       help="OpenBLAS threads for XLA's CPU LAPACK calls (default: as found)")
   parser.add_argument("--no-plots", action="store_true")
+  parser.add_argument("--merge", action="store_true",
+                      help="keep the sections of an existing results.json that this run does "
+                           "not measure (each section records when and on which commit it "
+                           "was measured)")
   args = parser.parse_args(argv)
 
   from benchmarks import common, plots
@@ -262,9 +284,24 @@ def main(argv=None) -> dict:
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     parser.error(f"unknown sections {sorted(unknown)}")
-  results = {"mode": "quick" if args.quick else "full", "machine": common.machine_info(),
-             "config": {k: config[k] for k in sections}, "timings_s": {}}
+  machine = common.machine_info()
+  measured = {"date_utc": machine["date_utc"], "git_commit": _git_commit(here)}
+  results = {"mode": "quick" if args.quick else "full", "machine": machine,
+             "config": {k: config[k] for k in sections}, "timings_s": {},
+             "section_runs": {}}
+  previous_path = os.path.join(out_dir, "results.json")
+  if args.merge and os.path.exists(previous_path):
+    with open(previous_path) as f:
+      previous = json.load(f)
+    old_run = {"date_utc": previous.get("machine", {}).get("date_utc"), "git_commit": None}
+    for name in SECTIONS:
+      if name in previous and name not in sections:
+        results[name] = previous[name]
+        results["config"][name] = previous.get("config", {}).get(name)
+        results["timings_s"][name] = previous.get("timings_s", {}).get(name)
+        results["section_runs"][name] = previous.get("section_runs", {}).get(name, old_run)
   for name in sections:
+    results["section_runs"][name] = measured
     start = time.perf_counter()
     print(f"[benchmarks] {name} ...", flush=True)
     results[name] = run_section(name, config[name])
