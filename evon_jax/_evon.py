@@ -100,6 +100,7 @@ class EvonConfig:
   clip_hessian: bool = False
   clip_update: bool = False
   dtype: Any = None
+  momentum_dtype: Any = None
   rotation_precision: Any = "highest"
   axis_name: Any = None
   replica_noise: ReplicaNoise = "shared"
@@ -359,7 +360,8 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
     views.append(_Leaf(
         # A copy: a mean that aliased the params buffer would break buffer donation.
         mean=jnp.array(as_matrix(leaf, layout), dtype=dtype, copy=True),
-        momentum=zeros,
+        momentum=zeros if config.momentum_dtype is None else zeros.astype(
+            config.momentum_dtype),
         hessian=jnp.full(layout.matrix_shape, hp.hess_init, dtype),
         factors=empty_pair(layout, dtype, "zeros"),
         basis=empty_pair(layout, dtype, "eye")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import jax.numpy as jnp
 import optax
 
 from evon_jax import _validation as check
@@ -32,6 +33,19 @@ def _check_replicas(axis_name, replica_noise):
     raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
   if replica_noise == "independent" and axis_name is None:
     raise ValueError("replica_noise='independent' needs an axis_name to tell replicas apart.")
+
+
+def _dtype_or_none(dtype):
+  """A floating dtype, or None; a clear error for anything else."""
+  if dtype is None:
+    return None
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError as error:
+    raise ValueError(f"momentum_dtype: {dtype!r} is not a dtype.") from error
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise ValueError(f"momentum_dtype must be a floating dtype, got {resolved}.")
+  return resolved
 
 
 def _is_infinite(value) -> bool:
@@ -64,6 +78,7 @@ def evon(
     stagger_refresh: bool = False,
     clip_radius: float = math.inf,
     dtype=None,
+    momentum_dtype=None,
     rotation_precision="highest",
     axis_name=None,
     replica_noise: str = "shared",
@@ -116,6 +131,9 @@ def evon(
     stagger_refresh: spread refreshes of different leaves over the period (flattens spikes).
     clip_radius: clip U elementwise to ±clip_radius (IVON's option); inf disables.
     dtype: dtype of all statistics (default float32, or wider params' dtype).
+    momentum_dtype: dtype in which the momentum Ḡ is stored (like optax's `mu_dtype`), e.g.
+      'bfloat16' to save half a parameter buffer; arithmetic stays in `dtype`. The mean,
+      Hessian, factors and bases always keep `dtype` (the posterior lives in them).
     rotation_precision: `jax.lax.Precision` of the per-step rotations. Default 'highest'
       (full float32, as the PyTorch reference computes): on GPUs/TPUs the default precision
       (TF32/bf16) perturbs the sample by ~1e-3 of the weights, which can exceed a narrow
@@ -177,7 +195,8 @@ def evon(
       refresh_method=refresh_method, factor_gradient=factor_gradient,
       factor_statistic=factor_statistic, stagger_refresh=stagger_refresh, rescale_lr=False,
       clip_hessian=hess_clip_ratio is not None, clip_update=not _is_infinite(clip_radius),
-      dtype=dtype, rotation_precision=rotation_precision, axis_name=axis_name,
+      dtype=dtype, momentum_dtype=_dtype_or_none(momentum_dtype),
+      rotation_precision=rotation_precision, axis_name=axis_name,
       replica_noise=replica_noise, stacked_dims=stacked_dims)
   hp = EvonHyperparams(
       learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2,
@@ -200,6 +219,7 @@ def ivon(
     key=0,
     drop_in: bool = True,
     dtype=None,
+    momentum_dtype=None,
     axis_name=None,
     replica_noise: str = "shared",
 ) -> optax.GradientTransformationExtraArgs:
@@ -209,8 +229,8 @@ def ivon(
   ``ĥ = E G / V``, ``m ← b1 m + (1-b1) g``, ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
   ``μ ← μ - lr' clip((m/(1-b1ᵗ) + δ μ)/(h + δ), clip_radius)`` with
   ``lr' = lr (hess_init + δ)`` when ``rescale_lr``. Posterior ``N(μ, 1/(ess (h + δ)))``.
-  Drop-in and explicit modes, ``mc_samples``, ``key``, ``axis_name`` and ``replica_noise``
-  behave as in `evon`.
+  Drop-in and explicit modes, ``mc_samples``, ``key``, ``dtype``, ``momentum_dtype``,
+  ``axis_name`` and ``replica_noise`` behave as in `evon`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, evon_jax
@@ -228,7 +248,8 @@ def ivon(
   config = EvonConfig(
       use_bases=False, whiten=False, phasing=False, mc_samples=mc_samples, drop_in=drop_in,
       rescale_lr=rescale_lr, clip_update=not _is_infinite(clip_radius), dtype=dtype,
-      axis_name=axis_name, replica_noise=replica_noise)
+      momentum_dtype=_dtype_or_none(momentum_dtype), axis_name=axis_name,
+      replica_noise=replica_noise)
   hp = EvonHyperparams(
       learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, shampoo_b=b2,
       eps=0.0, weight_decay=weight_decay, hess_clip_ratio=None, clip_radius=clip_radius)

@@ -96,13 +96,14 @@ def change_basis(x: jax.Array, old: KroneckerPair, new: KroneckerPair) -> jax.Ar
   Uses the small transition matrices Q_newᵀ Q_old, so a stack of buffers costs one product
   per side, always at full float32 precision because errors here accumulate over refreshes.
   """
+  dtype = x.dtype  # a low-precision buffer (e.g. bf16 momentum) stays in its dtype
   transition = jax.tree.map(
       lambda n, o: jnp.matmul(_t(n), o, precision=_EXACT), new, old)
   if transition.left is not None:
     x = jnp.matmul(transition.left, x, precision=_EXACT)
   if transition.right is not None:
     x = jnp.matmul(x, _t(transition.right), precision=_EXACT)
-  return x
+  return x.astype(dtype)
 
 
 # Storage: an optimizer state keeps the left and right sides as two params-shaped trees of
