@@ -72,7 +72,7 @@ def _soap_leaf(grad, mu, nu, factors, basis, layout, config, b1, b2, shampoo_b, 
   direction = rotate_out(direction, basis, config.rotation_precision)
   factors = ema(factors, factor_statistics(grad, layout), shampoo_b)
   kind = eigenbasis.refresh_kind(is_first, count, config.precondition_frequency, 0, "power_qr")
-  basis, (mu,) = eigenbasis.refresh(kind, factors, basis, (new_mu,))
+  basis, (mu,) = eigenbasis.refresh(kind, factors, basis, (new_mu,), in_place=False)
   return direction, mu, new_nu, factors, basis
 
 

@@ -1,5 +1,8 @@
 """Eigenbasis refresh: full `eigh` warm start, then power iteration + QR every few steps.
 
+EVON's refresh is a `while_loop` run zero or one times (see `refresh`), so its update is
+not reverse-mode differentiable through a refresh step.
+
 All solves run in float32 or wider (never bf16) and are guarded: a solve that returns a
 non-finite basis keeps the previous one, so a bad factor never corrupts the posterior.
 """
@@ -65,24 +68,41 @@ def refresh(
     factors: KroneckerPair,
     basis: KroneckerPair,
     carried: Sequence[jax.Array],
+    in_place: bool = True,
 ) -> tuple[KroneckerPair, tuple[jax.Array, ...]]:
   """Refreshes a basis (`kind` in KEEP / POWER_QR / EIGH) and moves eigen-coordinate buffers.
 
   `carried` are buffers held in eigen coordinates (momentum, the mean) whose parameter-space
-  value must not change when the basis does. Only the chosen branch runs (`lax.cond`), so the
-  cost of a refresh is paid on refresh steps alone.
+  value must not change when the basis does. The refresh runs only when due.
+
+  `in_place=True` runs it as the body of a `while_loop` taken zero or one times: a loop
+  carry is updated in place, while a `lax.cond` whose keep-branch passes the bases through
+  makes XLA copy every basis on every step (46 MB per step on the d = 256 benchmark shapes).
+  That holds when nothing reads the old basis after the refresh; SOAP, which rotates its
+  update out with the old basis, gets more copies from the loop than from the cond (68 vs
+  32 per step) and passes `in_place=False`.
   """
   if basis.left is None and basis.right is None:
     return basis, tuple(carried)
 
-  def do_refresh(operands):
-    old_basis, buffers = operands
+  def moved(old_basis, buffers):
     new_basis = jax.tree.map(
         lambda f, q: _refresh_side(kind, f, q), factors, old_basis)
     return new_basis, tuple(change_basis(b, old_basis, new_basis) for b in buffers)
 
-  return jax.lax.cond(
-      kind != KEEP, do_refresh, lambda operands: operands, (basis, tuple(carried)))
+  due = kind != KEEP
+  if not in_place:
+    return jax.lax.cond(due, lambda ops: moved(*ops), lambda ops: ops,
+                        (basis, tuple(carried)))
+
+  def body(loop):
+    done, old_basis, buffers = loop
+    return (done + 1,) + moved(old_basis, buffers)
+
+  _, new_basis, buffers = jax.lax.while_loop(
+      lambda loop: loop[0] < due.astype(jnp.int32), body,
+      (jnp.zeros([], jnp.int32), basis, tuple(carried)))
+  return new_basis, buffers
 
 
 def refresh_kind(
