@@ -6,7 +6,8 @@ optimizer state; `training_samples` serves explicit (mean-in-the-loop) training.
 """
 
 from evon_jax import (
-    eigenbasis, ivon_step, kronecker, metrics, noise, posterior, predictive, whitening)
+    checkpoint, eigenbasis, ivon_step, kronecker, metrics, noise, posterior, predictive,
+    whitening)
 from evon_jax._evon import EvonState, SampleStatistics, training_samples
 from evon_jax._optimizers import evon, ivon
 from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EvonState", "IVON_STATIC_ARGS", "KroneckerPair", "SOAP_STATIC_ARGS", "SampleStatistics",
-    "ScaleBySoapState", "STATIC_ARGS", "metrics", "noise", "predictive",
+    "ScaleBySoapState", "STATIC_ARGS", "checkpoint", "metrics", "noise", "predictive",
     "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "posterior", "scale_by_soap",
     "soap", "training_samples", "whitening",
 ]

@@ -248,7 +248,7 @@ def _leaf_step(leaf, stats: SampleStatistics, layout, config, hp, gates: StepGat
 # ----------------------------------------------------------------------------- the transformation
 
 
-def _validate_grads_shape(grad, layout, config, leaf_index):
+def _validate_grads_shape(grad, layout, config, leaf_name):
   """Grads are (k, *shape) in explicit mode (k = mc_samples), else the leaf's own shape."""
   expected = layout.shape
   if not config.drop_in:
@@ -258,11 +258,11 @@ def _validate_grads_shape(grad, layout, config, leaf_index):
     if config.mc_samples == 1 and tuple(grad.shape) == expected:
       return jnp.reshape(grad, (1,) + layout.matrix_shape)
     raise ValueError(
-        f"Leaf {leaf_index}: explicit mode (drop_in=False) expects gradients of shape "
+        f"Leaf {leaf_name}: explicit mode (drop_in=False) expects gradients of shape "
         f"{stacked} (one per training sample), got {tuple(grad.shape)}.")
   if tuple(grad.shape) != expected:
     raise ValueError(
-        f"Leaf {leaf_index}: gradient shape {tuple(grad.shape)} does not match the parameter "
+        f"Leaf {leaf_name}: gradient shape {tuple(grad.shape)} does not match the parameter "
         f"shape {expected} the optimizer was initialised with.")
   return jnp.reshape(grad, (1,) + layout.matrix_shape)
 
@@ -278,6 +278,12 @@ class _Leaf(NamedTuple):
 
 
 _FROZEN = jnp.zeros((0,), jnp.float32)  # placeholder for integer / empty leaves
+
+
+def _widest_float():
+  """float64 under jax_enable_x64, else float32: ess and δ as the update used them (the
+  posterior read-outs take them from the state)."""
+  return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def _empty_side():
@@ -376,8 +382,8 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
       skipped=jnp.zeros([], jnp.int32),
       key=_as_typed_key(key),
       sample_noise=jnp.zeros([], jnp.float32),
-      ess=jnp.asarray(hp.ess, jnp.float32),
-      weight_decay=jnp.asarray(hp.weight_decay, jnp.float32),
+      ess=jnp.asarray(hp.ess, _widest_float()),
+      weight_decay=jnp.asarray(hp.weight_decay, _widest_float()),
       accumulator=_statistics_to_storage(accumulators, treedef) if accumulate else None,
       **_pack(views, leaves, treedef, layouts))
 
@@ -433,7 +439,14 @@ def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
   """
   treedef = jax.tree.structure(state.mean)
   per_call = 1 if config.drop_in else config.mc_samples
+  shared = config.axis_name is not None and config.replica_noise == "shared"
+  if shared:
+    # One sample on every replica: every statistic is linear in the gradient (the factor
+    # outer products are those of the global gradient, as on one device), so averaging the
+    # gradient once costs a third of the traffic of averaging the three statistics.
+    grads = _replica_mean(grads, config.axis_name)
   seeds = _sample_seeds(state.key, per_call, _first_sample(config, per_call))
+  names = _leaf_names(state.mean)
   stats = []
   for i, (layout, view, grad, param) in enumerate(zip(
       layouts, views, treedef.flatten_up_to(grads), treedef.flatten_up_to(params))):
@@ -441,7 +454,8 @@ def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
       stats.append(None)
       continue
     dtype = view.mean.dtype
-    grad_stack = _validate_grads_shape(jnp.asarray(grad), layout, config, i).astype(dtype)
+    grad_stack = _validate_grads_shape(
+        jnp.asarray(grad), layout, config, names[i]).astype(dtype)
     normals = jnp.stack([
         _standard_normal(seeds[s], i, layout, dtype) for s in range(grad_stack.shape[0])
     ]) * state.sample_noise.astype(dtype)
@@ -455,7 +469,7 @@ def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
             view.basis, config.rotation_precision)
     stats.append(_leaf_statistics(
         grad_stack, thetas, normals, view.basis, layout, config, hp.weight_decay))
-  if config.axis_name is not None:  # data parallel: the statistics of the global batch
+  if config.axis_name is not None and not shared:  # each replica's own sample
     stats = _replica_mean(stats, config.axis_name)
   # The factor gradient feeds a product (G Gᵀ): its statistic is cleaned in `_leaf_step`.
   return [None if st is None else st._replace(
@@ -614,8 +628,8 @@ def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperpa
       skipped=state.skipped + (~finite).astype(state.skipped.dtype),
       key=key,
       sample_noise=sample_noise,
-      ess=jnp.asarray(hp.ess, jnp.float32),
-      weight_decay=jnp.asarray(hp.weight_decay, jnp.float32),
+      ess=jnp.asarray(hp.ess, _widest_float()),
+      weight_decay=jnp.asarray(hp.weight_decay, _widest_float()),
       accumulator=accumulator,
       **_pack(views, frozen_means, treedef, layouts))
   return updates, new_state
@@ -642,9 +656,37 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
       raise ValueError(
           "evon_jax optimizers need `params` in update(grads, state, params): drop-in mode "
           "returns (next sample - params), explicit mode returns (new mean - params).")
+    _check_tree("gradient", updates, state.mean)
+    _check_tree("params", params, state.mean, compare_shapes=True)
     return compiled(updates, state, params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _leaf_names(tree) -> list[str]:
+  """Readable paths of a tree's leaves, e.g. "['layer']['kernel']"."""
+  return [jax.tree_util.keystr(path) or "<root>"
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_tree(what: str, tree, reference, compare_shapes: bool = False):
+  """A clear error when `tree` is not shaped like the params the optimizer was built for."""
+  if jax.tree.structure(tree) != jax.tree.structure(reference):
+    given, expected = _leaf_names(tree), _leaf_names(reference)
+    missing = [n for n in expected if n not in given]
+    unexpected = [n for n in given if n not in expected]
+    detail = (f"missing leaves {missing}, unexpected leaves {unexpected}"
+              if missing or unexpected else
+              f"expected structure {jax.tree.structure(reference)}, got "
+              f"{jax.tree.structure(tree)}")
+    raise ValueError(f"The {what} tree does not match the parameter tree the optimizer was "
+                     f"initialised with: {detail}.")
+  if compare_shapes:
+    for name, leaf, ref in zip(_leaf_names(reference), jax.tree.leaves(tree),
+                               jax.tree.leaves(reference)):
+      if tuple(jnp.shape(leaf)) != tuple(ref.shape):
+        raise ValueError(f"Leaf {name}: {what} shape {tuple(jnp.shape(leaf))} does not match "
+                         f"the shape {tuple(ref.shape)} the optimizer was initialised with.")
 
 
 def stored_layouts(state: EvonState) -> list[LeafLayout]:

@@ -66,7 +66,7 @@ def leaf_layout(
   size = math.prod(inner)
   trainable = bool(jnp.issubdtype(dtype, jnp.inexact)) and math.prod(shape) > 0
   if len(inner) >= 2:
-    rows, cols = size // inner[-1], inner[-1]
+    rows, cols = math.prod(inner[:-1]), inner[-1]
     vector_like = False
   else:
     # Scalars behave as vectors of length one; vectors are column matrices.

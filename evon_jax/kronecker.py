@@ -108,7 +108,8 @@ def change_basis(x: jax.Array, old: KroneckerPair, new: KroneckerPair) -> jax.Ar
 
 # Storage: an optimizer state keeps the left and right sides as two params-shaped trees of
 # plain arrays (zero-size arrays mark identity sides), so every state leaf is an array, as
-# flax.nnx.Optimizer and checkpointers expect; the maths works on per-leaf pairs with None.
+# flax.nnx.Optimizer expects; the maths works on per-leaf pairs with None. (orbax refuses
+# zero-size arrays: `evon_jax.checkpoint` leaves them out on save and rebuilds them.)
 
 _IDENTITY = (0, 0)
 

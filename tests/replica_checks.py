@@ -47,11 +47,11 @@ def max_diff(a, b):
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def shared_run(mesh, params, x, y, check_vma):
+def shared_run(mesh, params, x, y, check_vma, **extra):
   """With check_vma (shard_map's default) the loss is the global mean (a pmean of the
   local ones) and autodiff reduces the gradient; without it, each replica passes the
   gradient of its own shard's loss and the optimizer averages the statistics."""
-  tx = evon_jax.evon(0.05, axis_name="data", **SETTINGS)
+  tx = evon_jax.evon(0.05, axis_name="data", **SETTINGS, **extra)
 
   def global_loss(params, x, y):
     local = loss(params, x, y)
@@ -69,8 +69,8 @@ def shared_run(mesh, params, x, y, check_vma):
   return params, state
 
 
-def single_run(params, x, y):
-  tx = evon_jax.evon(0.05, **SETTINGS)
+def single_run(params, x, y, **extra):
+  tx = evon_jax.evon(0.05, **SETTINGS, **extra)
   state = tx.init(params)
   step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p, x, y), s, p))
   for _ in range(STEPS):
@@ -160,6 +160,11 @@ def main():
       "independent_spread": float(jnp.max(jnp.std(ind_params["w"], axis=0))),
       "mean_moved": max_diff(mean(ind_state), params),
   }
+  # Per-sample factor statistics of the one shared sample are those of the global gradient.
+  per_sample = dict(factor_statistic="per_sample", factor_gradient="regularized")
+  out["per_sample_shared_vs_single_mean"] = max_diff(
+      mean(shared_run(mesh, params, x, y, check_vma=False, **per_sample)[1]),
+      mean(single_run(params, x, y, **per_sample)[1]))
   out.update(one_replica_nan(mesh, params, x, y))
   json.dump(out, sys.stdout)
 

@@ -29,7 +29,8 @@ def results():
 def test_shared_sample_equals_single_device_run(results):
   assert results["shared_count"] == 12
   for name in ("shared_vs_single_params", "shared_vs_single_mean",
-               "unchecked_vs_single_params", "unchecked_vs_single_mean"):
+               "unchecked_vs_single_params", "unchecked_vs_single_mean",
+               "per_sample_shared_vs_single_mean"):
     assert results[name] < TOLERANCE, (name, results[name])
 
 
