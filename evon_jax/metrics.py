@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "nll", "accuracy", "expected_calibration_error", "brier_score", "predictive_entropy",
-    "mutual_information", "ood_auroc", "ood_aupr", "fpr_at_95_tpr",
+    "nll", "accuracy", "expected_calibration_error", "reliability_bins", "brier_score",
+    "predictive_entropy", "mutual_information", "ood_auroc", "ood_aupr", "fpr_at_95_tpr",
 ]
 
 
@@ -76,6 +76,26 @@ def expected_calibration_error(probs: jax.Array, labels: jax.Array,
   bins = jnp.clip(jnp.ceil(confidence * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
   gap_per_bin = jax.ops.segment_sum(correct - confidence, bins, num_segments=num_bins)
   return jnp.sum(jnp.abs(gap_per_bin)) / confidence.shape[0]
+
+
+def reliability_bins(probs: jax.Array, labels: jax.Array,
+                     num_bins: int = 15) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-bin statistics of a reliability diagram, binned as `expected_calibration_error`.
+
+  Returns:
+    ``(confidence, accuracy, count)``, each of shape ``(num_bins,)``: the mean confidence and
+    the accuracy of the inputs in bin ``(b/B, (b+1)/B]`` and their number. Empty bins have
+    count 0 and confidence = accuracy = 0 (mask them with ``count > 0`` when plotting).
+    ``sum(count * |accuracy - confidence|) / n`` is the ECE.
+  """
+  confidence = jnp.max(probs, axis=-1)
+  correct = (jnp.argmax(probs, axis=-1) == labels).astype(confidence.dtype)
+  bins = jnp.clip(jnp.ceil(confidence * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  count = jax.ops.segment_sum(jnp.ones_like(confidence), bins, num_segments=num_bins)
+  safe = jnp.maximum(count, 1.0)
+  return (jax.ops.segment_sum(confidence, bins, num_segments=num_bins) / safe,
+          jax.ops.segment_sum(correct, bins, num_segments=num_bins) / safe,
+          count.astype(jnp.int32))
 
 
 def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:

@@ -13,9 +13,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
+import optax
 
-from evon_jax._evon import EvonState, sample_eigen
-from evon_jax._layout import LeafLayout, as_matrix, from_matrix, leaf_layout
+from evon_jax._evon import EvonState, sample_eigen, stored_layouts
+from evon_jax._layout import LeafLayout, as_matrix, from_matrix
 from evon_jax._state_search import find_state
 from evon_jax.kronecker import KroneckerPair, leaf_pairs, rotate_out, storage_to_pairs
 
@@ -24,8 +26,8 @@ from evon_jax.kronecker import KroneckerPair, leaf_pairs, rotate_out, storage_to
 _EXACT = jax.lax.Precision.HIGHEST
 
 __all__ = [
-    "mean", "sample", "marginal_stddev", "covariance", "entropy", "kl_to_prior", "bases",
-    "variance_eigen", "find_evon_state",
+    "mean", "sample", "sample_deviation", "marginal_stddev", "covariance", "entropy",
+    "kl_to_prior", "bases", "variance_eigen", "find_evon_state",
 ]
 
 
@@ -37,11 +39,9 @@ def find_evon_state(opt_state) -> EvonState:
 def _per_leaf(state: EvonState):
   """Yields (layout, mean°, hessian, basis) per leaf; layout is None for frozen leaves."""
   treedef = jax.tree.structure(state.mean)
-  for mean_eigen, hessian, basis in zip(
-      treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.hessian),
-      storage_to_pairs(state.bases, treedef)):
-    layout = leaf_layout(mean_eigen.shape, mean_eigen.dtype, max_precond_dim=0,
-                         precondition_1d=False)
+  for layout, mean_eigen, hessian, basis in zip(
+      stored_layouts(state), treedef.flatten_up_to(state.mean),
+      treedef.flatten_up_to(state.hessian), storage_to_pairs(state.bases, treedef)):
     yield (layout if layout.trainable else None), mean_eigen, hessian, basis
 
 
@@ -53,17 +53,36 @@ def _map_leaves(state: EvonState, trainable_fn, frozen_fn):
 
 
 def _variance(state, hessian):
-  return 1.0 / (state.ess * (hessian + state.weight_decay))
+  return (1.0 / (state.ess * (hessian + state.weight_decay))).astype(hessian.dtype)
 
 
-def mean(opt_state) -> Any:
-  """Posterior mean M in parameter space (params-shaped; float32 or the state's dtype)."""
+def _fill_masked(tree, params, fill):
+  """Leaves the EVON state does not own (`optax.MaskedNode` under `partition`/`masked`)
+  replaced by `fill(param)`; `tree` unchanged when `params` is None."""
+  if params is None:
+    return tree
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  try:
+    return jax.tree.map(lambda out, p: fill(p) if masked(out) else out, tree, params,
+                        is_leaf=masked)
+  except ValueError as error:
+    raise ValueError("`params` must have the structure of the parameters the optimizer "
+                     f"was initialised with: {error}") from error
+
+
+def mean(opt_state, params=None) -> Any:
+  """Posterior mean M in parameter space (params-shaped; float32 or the state's dtype).
+
+  Under `optax.partition` / `masked` the leaves another optimizer owns come back as
+  `optax.MaskedNode`; pass the loop's `params` to take those leaves from it instead.
+  """
   state = find_evon_state(opt_state)
-  return _map_leaves(
+  out = _map_leaves(
       state,
       lambda layout, m, h, q: from_matrix(
           rotate_out(as_matrix(m, layout), q, _EXACT), layout),
       lambda m: m)
+  return _fill_masked(out, params, lambda p: p)
 
 
 def variance_eigen(opt_state) -> Any:
@@ -78,21 +97,48 @@ def bases(opt_state) -> Any:
   return leaf_pairs(find_evon_state(opt_state).bases)
 
 
-def sample(key: jax.Array, opt_state, num_samples: Optional[int] = None) -> Any:
-  """Draws posterior samples; a leading axis of `num_samples` when it is given."""
+def sample(key: jax.Array, opt_state, num_samples: Optional[int] = None, params=None) -> Any:
+  """Draws posterior samples; a leading axis of `num_samples` when it is given.
+
+  `params`: fills leaves another optimizer owns (see `mean`) with the loop's values.
+  """
+  out = _draw(key, opt_state, num_samples, centered=False)
+  return _fill_masked(out, params, lambda p: _repeat(p, num_samples))
+
+
+def _repeat(x, num_samples):
+  x = jnp.asarray(x)
+  return x if num_samples is None else jnp.broadcast_to(x, (num_samples,) + x.shape)
+
+
+def sample_deviation(key: jax.Array, opt_state, num_samples: Optional[int] = None,
+                     params=None) -> Any:
+  """The deviations W - M of the samples `sample` draws with the same key: Q_L (√V z) Q_Rᵀ.
+
+  Computed without the mean (no cancellation in ``sample(...) - mean(...)`` for a narrow
+  posterior); zero on frozen leaves (and, given `params`, on leaves another optimizer owns).
+  ``mean + sample_deviation(key, ...)`` equals ``sample(key, ...)`` up to rounding. Used by
+  the linearised predictive.
+  """
+  out = _draw(key, opt_state, num_samples, centered=True)
+  return _fill_masked(out, params, lambda p: _repeat(jnp.zeros_like(p), num_samples))
+
+
+def _draw(key, opt_state, num_samples, centered):
   state = find_evon_state(opt_state)
   count = 1 if num_samples is None else num_samples
   leaf_keys = iter(jax.random.split(key, len(jax.tree.leaves(state.mean))))
 
   def draw(layout, m, h, q):
-    z = jax.random.normal(next(leaf_keys), (count, layout.rows, layout.cols), m.dtype)
-    eigen = sample_eigen(as_matrix(m, layout), as_matrix(h, layout), z, 1.0, state.ess,
-                         state.weight_decay)
+    z = jax.random.normal(next(leaf_keys), (count,) + layout.matrix_shape, m.dtype)
+    center = jnp.zeros(layout.matrix_shape, m.dtype) if centered else as_matrix(m, layout)
+    eigen = sample_eigen(center, as_matrix(h, layout), z, 1.0, state.ess, state.weight_decay)
     out = jnp.reshape(rotate_out(eigen, q, _EXACT), (count,) + layout.shape)
     return out[0] if num_samples is None else out
 
   def frozen(m):
     next(leaf_keys)
+    m = jnp.zeros_like(m) if centered else m
     return m if num_samples is None else jnp.broadcast_to(m, (num_samples,) + m.shape)
 
   return _map_leaves(state, draw, frozen)
@@ -102,22 +148,32 @@ def _squared(basis: KroneckerPair) -> KroneckerPair:
   return jax.tree.map(jnp.square, basis)
 
 
-def marginal_stddev(opt_state) -> Any:
-  """Closed-form marginal standard deviations: sqrt((Q_L∘Q_L) V (Q_R∘Q_R)ᵀ), params-shaped."""
+def marginal_stddev(opt_state, params=None) -> Any:
+  """Closed-form marginal standard deviations: sqrt((Q_L∘Q_L) V (Q_R∘Q_R)ᵀ), params-shaped.
+
+  Zero on frozen leaves and, given `params`, on leaves another optimizer owns.
+  """
   state = find_evon_state(opt_state)
 
   def stddev(layout, m, h, q):
     variance = rotate_out(as_matrix(_variance(state, h), layout), _squared(q), _EXACT)
     return from_matrix(jnp.sqrt(variance), layout)
 
-  return _map_leaves(state, stddev, lambda m: jnp.zeros(m.shape, jnp.float32))
+  out = _map_leaves(state, stddev, lambda m: jnp.zeros(m.shape, jnp.float32))
+  return _fill_masked(out, params, lambda p: jnp.zeros(jnp.shape(p), jnp.float32))
 
 
-def _dense_rotation(layout: LeafLayout, q: KroneckerPair, dtype):
-  """Q_L ⊗ Q_R: maps row-major vec(E) to row-major vec(W)."""
-  left = q.left if q.left is not None else jnp.eye(layout.rows, dtype=dtype)
-  right = q.right if q.right is not None else jnp.eye(layout.cols, dtype=dtype)
-  return jnp.kron(left, right)
+def _dense_rotations(layout: LeafLayout, q: KroneckerPair, dtype):
+  """Q_L ⊗ Q_R per stacked matrix, (blocks, rows·cols, rows·cols): maps row-major vec(E)
+  to row-major vec(W)."""
+  blocks = math.prod(layout.batch)
+
+  def side(basis, size):
+    if basis is None:
+      return jnp.broadcast_to(jnp.eye(size, dtype=dtype), (blocks, size, size))
+    return jnp.reshape(basis, (blocks, size, size))
+
+  return jax.vmap(jnp.kron)(side(q.left, layout.rows), side(q.right, layout.cols))
 
 
 def covariance(opt_state, max_size: int = 4096) -> Any:
@@ -129,13 +185,15 @@ def covariance(opt_state, max_size: int = 4096) -> Any:
   state = find_evon_state(opt_state)
 
   def dense(layout, m, h, q):
-    size = layout.rows * layout.cols
+    size = math.prod(layout.shape)
     if size > max_size:
       raise ValueError(f"covariance: a leaf of shape {layout.shape} has {size} entries, "
                        f"more than max_size={max_size}; use marginal_stddev or sample.")
-    rotation = _dense_rotation(layout, q, m.dtype)
-    v = jnp.reshape(_variance(state, h), (-1,))
-    return jnp.matmul(rotation * v[None, :], rotation.T, precision=_EXACT)
+    rotations = _dense_rotations(layout, q, m.dtype)
+    v = jnp.reshape(_variance(state, h), (rotations.shape[0], 1, -1))
+    blocks = jnp.matmul(rotations * v, jnp.swapaxes(rotations, -1, -2), precision=_EXACT)
+    # Stacked matrices are independent: their covariance is block diagonal.
+    return jax.scipy.linalg.block_diag(*blocks) if blocks.shape[0] > 1 else blocks[0]
 
   return _map_leaves(state, dense, lambda m: jnp.zeros((m.size, m.size), jnp.float32))
 

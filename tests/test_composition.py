@@ -309,3 +309,34 @@ def test_linen_train_state_with_partitioned_evon():
   assert int(state.step) == 40
   assert int(posterior.find_evon_state(state.opt_state).count) == 40
   assert after < 0.5 * before, (before, after)
+
+
+def test_posterior_fills_leaves_of_other_optimizers_from_params():
+  """Under optax.partition the posterior read-outs return MaskedNode for the AdamW leaves;
+  with `params=` they come back filled: the mean and samples take the loop's values there
+  (no uncertainty), stddev and deviations are zero; the EVON leaves are unchanged."""
+  params = {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.ones(4)}
+  tx = optax.partition({"evon": evon_jax.evon(0.1, ess=10.0, hess_init=1.0),
+                        "adam": optax.adam(1e-2)},
+                       {"kernel": "evon", "bias": "adam"})
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(jax.tree.map(lambda p: 2 * p, params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert isinstance(evon_jax.posterior.mean(state)["bias"], optax.MaskedNode)
+  mean = evon_jax.posterior.mean(state, params=params)
+  np.testing.assert_array_equal(mean["bias"], params["bias"])
+  np.testing.assert_array_equal(mean["kernel"], evon_jax.posterior.mean(state)["kernel"])
+  key = jax.random.key(0)
+  samples = evon_jax.posterior.sample(key, state, 5, params=params)
+  assert samples["bias"].shape == (5, 4)
+  np.testing.assert_array_equal(samples["bias"], jnp.broadcast_to(params["bias"], (5, 4)))
+  np.testing.assert_array_equal(samples["kernel"],
+                                evon_jax.posterior.sample(key, state, 5)["kernel"])
+  deviation = evon_jax.posterior.sample_deviation(key, state, 5, params=params)
+  np.testing.assert_array_equal(deviation["bias"], 0.0)
+  stddev = evon_jax.posterior.marginal_stddev(state, params=params)
+  np.testing.assert_array_equal(stddev["bias"], 0.0)
+  assert float(jnp.min(stddev["kernel"])) > 0
+  with pytest.raises(ValueError, match="structure"):
+    evon_jax.posterior.mean(state, params={"kernel": params["kernel"]})

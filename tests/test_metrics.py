@@ -95,6 +95,23 @@ def test_ece_matches_loop_on_random_predictions():
   np.testing.assert_allclose(value, _ece_loop(probs, labels, 15), rtol=1e-5, atol=1e-6)
 
 
+def test_reliability_bins_hand():
+  # Ten bins, ECE_PROBS: (0.9, 1] holds 0.95 (correct) and 0.92 (wrong): confidence 0.935,
+  # accuracy 1/2; (0.6, 0.7] holds 0.65 (correct); (0.5, 0.6] holds 0.55 (wrong).
+  confidence, acc, count = map(np.asarray,
+                               metrics.reliability_bins(ECE_PROBS, ECE_LABELS, num_bins=10))
+  expected_count = np.zeros(10, int)
+  expected_count[[9, 6, 5]] = [2, 1, 1]
+  np.testing.assert_array_equal(count, expected_count)
+  np.testing.assert_allclose(confidence[[9, 6, 5]], [0.935, 0.65, 0.55], **TOL)
+  np.testing.assert_allclose(acc[[9, 6, 5]], [0.5, 1.0, 0.0], **TOL)
+  np.testing.assert_array_equal(confidence[count == 0], 0.0)
+  # The ECE is the count-weighted gap.
+  np.testing.assert_allclose(np.sum(count * np.abs(acc - confidence)) / 4,
+                             metrics.expected_calibration_error(ECE_PROBS, ECE_LABELS, 10),
+                             **TOL)
+
+
 def test_brier_hand():
   # Row 1: (0.7-1)² + 0.3² = 0.18; row 2: (0.4-1)² + 0.6² = 0.72; row 3 (label 2):
   # 0.2² + 0.5² + (0.3-1)² = 0.78.
