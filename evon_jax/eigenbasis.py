@@ -25,7 +25,7 @@ RefreshMethod = Literal["power_qr", "eigh"]
 
 def eigh_descending(factor: jax.Array) -> jax.Array:
   """Eigenvectors of a symmetric factor, columns in descending eigenvalue order."""
-  symmetric = 0.5 * (factor + jnp.swapaxes(factor, -1, -2))
+  symmetric = 0.5 * (factor + jnp.matrix_transpose(factor))
   _, vectors = jnp.linalg.eigh(symmetric)
   return vectors[..., ::-1]
 

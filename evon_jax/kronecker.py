@@ -18,11 +18,6 @@ from evon_jax._layout import LeafLayout
 _EXACT = jax.lax.Precision.HIGHEST
 
 
-def _t(x: jax.Array) -> jax.Array:
-  """Transpose of the last two axes (leading axes index stacked matrices)."""
-  return jnp.swapaxes(x, -1, -2)
-
-
 class KroneckerPair(NamedTuple):
   """A left (rows) and right (columns) square matrix; `None` marks an identity side."""
 
@@ -46,8 +41,8 @@ def empty_pair(layout: LeafLayout, dtype, fill: str) -> KroneckerPair:
 
 def factor_statistics(grad: jax.Array, layout: LeafLayout) -> KroneckerPair:
   """Shampoo's statistics G Gᵀ and Gᵀ G of one matrix gradient (only for rotated sides)."""
-  left = jnp.matmul(grad, _t(grad), precision=_EXACT) if layout.left else None
-  right = jnp.matmul(_t(grad), grad, precision=_EXACT) if layout.right else None
+  left = jnp.matmul(grad, jnp.matrix_transpose(grad), precision=_EXACT) if layout.left else None
+  right = jnp.matmul(jnp.matrix_transpose(grad), grad, precision=_EXACT) if layout.right else None
   return KroneckerPair(left, right)
 
 
@@ -75,7 +70,7 @@ def ema(old: KroneckerPair, new: KroneckerPair, decay, one_minus_decay=None) -> 
 def rotate_in(x: jax.Array, basis: KroneckerPair, precision=None) -> jax.Array:
   """Parameter coordinates to eigen coordinates: Q_Lᵀ X Q_R (leading batch dims allowed)."""
   if basis.left is not None:
-    x = jnp.matmul(_t(basis.left), x, precision=precision)
+    x = jnp.matmul(jnp.matrix_transpose(basis.left), x, precision=precision)
   if basis.right is not None:
     x = jnp.matmul(x, basis.right, precision=precision)
   return x
@@ -86,7 +81,7 @@ def rotate_out(x: jax.Array, basis: KroneckerPair, precision=None) -> jax.Array:
   if basis.left is not None:
     x = jnp.matmul(basis.left, x, precision=precision)
   if basis.right is not None:
-    x = jnp.matmul(x, _t(basis.right), precision=precision)
+    x = jnp.matmul(x, jnp.matrix_transpose(basis.right), precision=precision)
   return x
 
 
@@ -98,11 +93,11 @@ def change_basis(x: jax.Array, old: KroneckerPair, new: KroneckerPair) -> jax.Ar
   """
   dtype = x.dtype  # a low-precision buffer (e.g. bf16 momentum) stays in its dtype
   transition = jax.tree.map(
-      lambda n, o: jnp.matmul(_t(n), o, precision=_EXACT), new, old)
+      lambda n, o: jnp.matmul(jnp.matrix_transpose(n), o, precision=_EXACT), new, old)
   if transition.left is not None:
     x = jnp.matmul(transition.left, x, precision=_EXACT)
   if transition.right is not None:
-    x = jnp.matmul(x, _t(transition.right), precision=_EXACT)
+    x = jnp.matmul(x, jnp.matrix_transpose(transition.right), precision=_EXACT)
   return x.astype(dtype)
 
 

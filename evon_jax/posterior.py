@@ -138,8 +138,7 @@ def _draw(key, opt_state, num_samples, centered):
 
   def frozen(m):
     next(leaf_keys)
-    m = jnp.zeros_like(m) if centered else m
-    return m if num_samples is None else jnp.broadcast_to(m, (num_samples,) + m.shape)
+    return _repeat(jnp.zeros_like(m) if centered else m, num_samples)
 
   return _map_leaves(state, draw, frozen)
 
@@ -191,7 +190,7 @@ def covariance(opt_state, max_size: int = 4096) -> Any:
                        f"more than max_size={max_size}; use marginal_stddev or sample.")
     rotations = _dense_rotations(layout, q, m.dtype)
     v = jnp.reshape(_variance(state, h), (rotations.shape[0], 1, -1))
-    blocks = jnp.matmul(rotations * v, jnp.swapaxes(rotations, -1, -2), precision=_EXACT)
+    blocks = jnp.matmul(rotations * v, jnp.matrix_transpose(rotations), precision=_EXACT)
     # Stacked matrices are independent: their covariance is block diagonal.
     return jax.scipy.linalg.block_diag(*blocks) if blocks.shape[0] > 1 else blocks[0]
 

@@ -18,10 +18,6 @@ _NS_STEPS = 5
 _NORM_EPS = 1e-7
 
 
-def _t(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
 def _frobenius(x: jax.Array) -> jax.Array:
   """Norm of each matrix of a stack (the last two axes), kept for broadcasting."""
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
@@ -32,12 +28,12 @@ def newton_schulz(x: jax.Array, steps: int = _NS_STEPS) -> jax.Array:
   a, b, c = _NS_COEFFICIENTS
   transpose = x.shape[-2] > x.shape[-1]
   if transpose:
-    x = _t(x)
+    x = jnp.matrix_transpose(x)
   x = x / (_frobenius(x) + _NORM_EPS)
   for _ in range(steps):
-    gram = x @ _t(x)
+    gram = x @ jnp.matrix_transpose(x)
     x = a * x + (b * gram + c * gram @ gram) @ x
-  return _t(x) if transpose else x
+  return jnp.matrix_transpose(x) if transpose else x
 
 
 def l2_normalise(x: jax.Array) -> jax.Array:
