@@ -3,6 +3,12 @@
 Optimizers: `evon` (IVON in SOAP's eigenbasis), `ivon` (diagonal), `soap` (deterministic
 baseline) and the `scale_by_soap` piece. `evon_jax.posterior` reads the posterior out of an
 optimizer state; `training_samples` serves explicit (mean-in-the-loop) training.
+
+Other structured posteriors, for comparison and for models trained without EVON:
+`laplace` (post-hoc SOAP-Bubble Laplace from any trained model; returns an `EvonState`),
+`lowrank` (layers W = A Bᵀ, so a posterior on the factors lives on the rank-r manifold),
+`meanfield` (Bayes-by-backprop mean-field VI on any pytree) and `viking` (a Gaussian split
+by the kernel and image of the network Jacobian).
 """
 
 from evon_jax import (
@@ -10,6 +16,7 @@ from evon_jax import (
     whitening)
 from evon_jax._evon import EvonState, SampleStatistics, training_samples
 from evon_jax._optimizers import evon, ivon
+from evon_jax import laplace, lowrank, meanfield, viking  # noqa: E402  (after the optimizers)
 from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
 from evon_jax.kronecker import KroneckerPair
 
@@ -25,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EvonState", "IVON_STATIC_ARGS", "KroneckerPair", "SOAP_STATIC_ARGS", "SampleStatistics",
     "ScaleBySoapState", "STATIC_ARGS", "checkpoint", "metrics", "noise", "predictive",
-    "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "posterior", "scale_by_soap",
+    "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "meanfield",
+    "posterior", "scale_by_soap", "viking",
     "soap", "training_samples", "whitening",
 ]

@@ -101,8 +101,21 @@ def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
     ``(num_samples, *logits_shape)`` linearised logits.
   """
   mean = posterior.mean(opt_state)
-  deviations = posterior.sample_deviation(key, opt_state, num_samples)
-  logits_at_mean, jvp = jax.linearize(lambda params: apply_fn(params, inputs), mean)
+  leaves, treedef = jax.tree.flatten(mean)
+  # Integer/bool leaves (step counters, frozen indices) stay constants: `jax.linearize` has no
+  # tangent space for them.
+  floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+
+  def with_floating(values):
+    values = iter(values)
+    return treedef.unflatten([next(values) if f else leaf for leaf, f in zip(leaves, floating)])
+
+  logits_at_mean, jvp = jax.linearize(
+      lambda values: apply_fn(with_floating(values), inputs),
+      [leaf for leaf, f in zip(leaves, floating) if f])
+  deviations = [d for d, f in zip(
+      treedef.flatten_up_to(posterior.sample_deviation(key, opt_state, num_samples)), floating)
+      if f]
 
   def one(deviation):
     return jax.tree.map(jnp.add, logits_at_mean, jvp(deviation))

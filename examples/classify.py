@@ -158,6 +158,11 @@ def load_data(dataset: str, seed: int = 0, max_train: int | None = None) -> Data
               {"unseen classes": norm(x_test[~keep_test]), "shuffled": shuffled})
 
 
+def num_classes(data: Data) -> int:
+  """Number of in-distribution classes (labels are 0..K-1)."""
+  return int(np.max(data.y_train)) + 1
+
+
 def split_validation(data: Data, seed: int, fraction: float = 0.15) -> Data:
   """Train on 1 - fraction of the training set; the rest stands in for the test set."""
   perm = np.random.default_rng(seed + 1000).permutation(data.x_train.shape[0])
@@ -200,37 +205,58 @@ def apply_fn(params, x):
 # ------------------------------------------------------------------------------- training
 
 
+def cross_entropy_loss(model: Callable = None, dropout_rate: float = 0.0) -> Callable:
+  """``loss(params, x, y, key)``: mean softmax cross-entropy of ``model`` (default `mlp`, with
+  dropout at ``dropout_rate`` drawn from ``key``)."""
+  def loss(params, x, y, key):
+    if model is None:
+      logits = mlp(params, x, key if dropout_rate > 0 else None, dropout_rate)
+    else:
+      logits = model(params, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss
+
+
 def train(tx: optax.GradientTransformation, params, x_train, y_train, steps: int,
-          key: jax.Array, dropout_rate: float = 0.0):
+          key: jax.Array, dropout_rate: float = 0.0, *, loss_fn: Callable | None = None,
+          members: bool = False, timings: list | None = None):
   """``steps`` minibatch steps of ``tx`` in one `lax.scan`; returns (params, opt_state).
 
   For IVON/EVON (drop-in mode) the params the loop holds are posterior samples and the
-  gradient is taken there; the posterior lives in the returned state.
+  gradient is taken there; the posterior lives in the returned state. ``loss_fn(params, x, y,
+  key)`` defaults to the MLP's cross-entropy (`cross_entropy_loss`). ``members=True`` trains
+  independent networks at once: ``params`` and ``key`` carry a leading member axis (deep
+  ensembles). ``timings``: when given, the run is compiled ahead of time and
+  ``{"compile_s", "train_s"}`` is appended (training time without compilation).
   """
   x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
   n = x_train.shape[0]
   batch = min(BATCH_SIZE, n)
-
-  def loss_fn(p, x, y, dropout_key):
-    logits = mlp(p, x, dropout_key, dropout_rate)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  loss_fn = loss_fn or cross_entropy_loss(dropout_rate=dropout_rate)
 
   def step(carry, key):
     params, opt_state = carry
-    batch_key, dropout_key = jax.random.split(key)
+    batch_key, loss_key = jax.random.split(key)
     idx = jax.random.choice(batch_key, n, (batch,), replace=False)
-    grads = jax.grad(loss_fn)(params, x_train[idx], y_train[idx],
-                              dropout_key if dropout_rate > 0 else None)
+    grads = jax.grad(loss_fn)(params, x_train[idx], y_train[idx], loss_key)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
-  @jax.jit
-  def run(params, key):
+  def run_one(params, key):
     (params, opt_state), _ = jax.lax.scan(step, (params, tx.init(params)),
                                           jax.random.split(key, steps))
     return params, opt_state
 
-  return run(params, key)
+  run = jax.jit(jax.vmap(run_one) if members else run_one)
+  if timings is None:
+    return run(params, key)
+  start = time.perf_counter()
+  compiled = run.lower(params, key).compile()
+  compiled_at = time.perf_counter()
+  out = jax.block_until_ready(compiled(params, key))
+  timings.append({"compile_s": compiled_at - start, "train_s": time.perf_counter() - compiled_at})
+  return out
 
 
 def _adamw(setting: dict, steps: int):
@@ -256,14 +282,33 @@ def _evon(setting: dict, steps: int, num_train: int, seed: int):
 Predictor = Callable[[jax.Array], tuple]  # inputs -> (probs, sample_probs or None)
 
 
+def posterior_predictors(name: str, model, state, key: jax.Array) -> dict[str, Predictor]:
+  """``{name BMA, name linearised}`` predictors of a SOAP-Bubble state (EVON, IVON, or a
+  post-hoc Laplace fit): ``NUM_SAMPLES`` weight samples from ``key`` through the network and
+  through its linearisation at the mean."""
+
+  @jax.jit
+  def bma(x):
+    sample_probs = predictive.sample_predictive(model, state, x, key, NUM_SAMPLES)
+    return sample_probs.mean(0), sample_probs
+
+  @jax.jit
+  def linearised(x):
+    sample_probs = predictive.linearized_sample_predictive(model, state, x, key, NUM_SAMPLES)
+    return sample_probs.mean(0), sample_probs
+
+  return {f"{name} BMA": bma, f"{name} linearised": linearised}
+
+
 def fit_method(method: str, setting: dict, data: Data, hidden: int, steps: int,
-               seed: int) -> dict[str, Predictor]:
+               seed: int, timings: list | None = None) -> dict[str, Predictor]:
   """Trains ``method`` and returns ``{predictive name: predictor}``.
 
   A predictor maps inputs to ``(probs (n, K), sample_probs (S, n, K) or None)``. All samples
   are drawn from fixed keys, so every input set sees the same weight samples / masks.
+  ``timings``: see `train`.
   """
-  sizes = (data.x_train.shape[1], hidden, hidden, NUM_CLASSES)
+  sizes = (data.x_train.shape[1], hidden, hidden, num_classes(data))
   init_key, train_key, sample_key = jax.random.split(jax.random.key(seed), 3)
   params = init_mlp(init_key, sizes)
   num_train = data.x_train.shape[0]
@@ -272,17 +317,17 @@ def fit_method(method: str, setting: dict, data: Data, hidden: int, steps: int,
     return jax.jit(lambda x: (jax.nn.softmax(mlp(p, x), axis=-1), None))
 
   if method == "MAP":
-    p, _ = train(_adamw(setting, steps), params, data.x_train, data.y_train, steps, train_key)
+    p, _ = train(_adamw(setting, steps), params, data.x_train, data.y_train, steps, train_key,
+                 timings=timings)
     return {"MAP": point(p)}
 
   if method == "ensemble":
     keys = jax.random.split(jax.random.key(seed + 7919), ENSEMBLE_SIZE)
     member_params = [init_mlp(jax.random.fold_in(k, 0), sizes) for k in keys]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *member_params)
-    tx = _adamw(setting, steps)
-    members, _ = jax.vmap(
-        lambda p, k: train(tx, p, data.x_train, data.y_train, steps, k))(
-            stacked, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
+    members, _ = train(_adamw(setting, steps), stacked, data.x_train, data.y_train, steps,
+                       jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), members=True,
+                       timings=timings)
 
     @jax.jit
     def ensemble(x):
@@ -294,7 +339,7 @@ def fit_method(method: str, setting: dict, data: Data, hidden: int, steps: int,
   if method == "MC dropout":
     rate = setting["rate"]
     p, _ = train(_adamw(setting, steps), params, data.x_train, data.y_train, steps, train_key,
-                 dropout_rate=rate)
+                 dropout_rate=rate, timings=timings)
 
     @jax.jit
     def mc_dropout(x):
@@ -307,22 +352,10 @@ def fit_method(method: str, setting: dict, data: Data, hidden: int, steps: int,
   if method in ("IVON", "EVON"):
     make = _ivon if method == "IVON" else _evon
     _, state = train(make(setting, steps, num_train, seed), params, data.x_train,
-                     data.y_train, steps, train_key)
+                     data.y_train, steps, train_key, timings=timings)
     mean = evon_jax.posterior.mean(state)
-
-    @jax.jit
-    def bma(x):
-      sample_probs = predictive.sample_predictive(apply_fn, state, x, sample_key, NUM_SAMPLES)
-      return sample_probs.mean(0), sample_probs
-
-    @jax.jit
-    def linearised(x):
-      sample_probs = predictive.linearized_sample_predictive(apply_fn, state, x, sample_key,
-                                                             NUM_SAMPLES)
-      return sample_probs.mean(0), sample_probs
-
-    return {f"{method} mean": point(mean), f"{method} BMA": bma,
-            f"{method} linearised": linearised}
+    return {f"{method} mean": point(mean),
+            **posterior_predictors(method, apply_fn, state, sample_key)}
   raise ValueError(f"unknown method {method!r}")
 
 
