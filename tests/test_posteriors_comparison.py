@@ -17,7 +17,7 @@ from benchmarks import posteriors  # noqa: E402  (after the optional-dependency 
 PREDICTIVES = {
     "MAP", "ensemble (5)", "IVON BMA", "EVON BMA", "Laplace BMA", "Laplace linearised",
     "Laplace (val λ) BMA", "Laplace (val λ) linearised",
-    "low-rank IVON BMA", "low-rank MFVI BMA", "VIKING BMA"}
+    "low-rank IVON BMA", "low-rank EVON BMA", "low-rank MFVI BMA", "VIKING BMA"}
 
 
 @pytest.fixture(scope="module")
