@@ -49,7 +49,6 @@ import numpy as np
 import optax
 
 import evon_jax
-from evon_jax import predictive
 
 _CLASSIFY = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "classify.py")
 
@@ -190,14 +189,6 @@ def _sizes(data, config) -> tuple:
   return (data.x_train.shape[1], config["hidden"], config["hidden"], classify.num_classes(data))
 
 
-def _ensemble_like(sample_probs_fn):
-  @jax.jit
-  def predictor(x):
-    sample_probs = sample_probs_fn(x)
-    return sample_probs.mean(0), sample_probs
-  return predictor
-
-
 @_fitter("Laplace")
 def fit_laplace(setting, data, config, seed) -> Fit:
   """Post-hoc SOAP-Bubble Laplace on the MAP network; λ by the Laplace evidence."""
@@ -286,9 +277,10 @@ def _fit_low_rank_variational(method: str, make_optimizer) -> Callable:
                               loss_fn=classify.cross_entropy_loss(model=lowrank.low_rank_mlp),
                               timings=timings)
     train_s, compile_s = _timed(timings)
-    predictor = _ensemble_like(lambda x: predictive.sample_predictive(
-        lowrank.low_rank_mlp, state, x, sample_key, NUM_SAMPLES))
-    return Fit({f"low-rank {method} BMA": predictor}, weights=_size(params),
+    name = f"low-rank {method} BMA"
+    predictor = classify.posterior_predictors(
+        f"low-rank {method}", lowrank.low_rank_mlp, state, sample_key)[name]
+    return Fit({name: predictor}, weights=_size(params),
                posterior_floats=_posterior_floats(state), train_s=train_s,
                compile_s=compile_s)
   return fit
@@ -321,7 +313,7 @@ def fit_low_rank_mfvi(setting, data, config, seed) -> Fit:
   q, _ = classify.train(tx, meanfield.init(params, setting["init_std"]), data.x_train,
                         data.y_train, config["steps"], train_key, loss_fn=loss, timings=timings)
   train_s, compile_s = _timed(timings)
-  predictor = _ensemble_like(lambda x: meanfield.sample_predictive(
+  predictor = classify.averaging_predictor(lambda x: meanfield.sample_predictive(
       lowrank.low_rank_mlp, q, x, sample_key, NUM_SAMPLES))
   return Fit({"low-rank MFVI BMA": predictor}, weights=_size(params),
              posterior_floats=_size(q), train_s=train_s, compile_s=compile_s)
@@ -355,7 +347,7 @@ def fit_viking(setting, data, config, seed) -> Fit:
                         data.x_train, data.y_train, config["steps"], train_key, loss_fn=loss,
                         timings=timings)
   train_s, compile_s = _timed(timings)
-  predictor = _ensemble_like(lambda x: viking.sample_predictive(
+  predictor = classify.averaging_predictor(lambda x: viking.sample_predictive(
       sample_key, classify.apply_fn, q, projection_inputs, x, NUM_SAMPLES, **options))
   return Fit({"VIKING BMA": predictor}, weights=_size(params), posterior_floats=_size(q),
              train_s=train_s, compile_s=compile_s,

@@ -30,6 +30,14 @@ def eigh_descending(factor: jax.Array) -> jax.Array:
   return vectors[..., ::-1]
 
 
+def fresh_eigenbasis(factor: jax.Array) -> jax.Array:
+  """A basis built from scratch: `eigh_descending` in at least float32, canonical signs, in
+  the factor's dtype (post-hoc fits such as `evon_jax.laplace`; the optimizers go through
+  `refresh`, which also keeps the old basis when the new one is not finite)."""
+  compute_dtype = jnp.promote_types(factor.dtype, jnp.float32)
+  return canonical_signs(eigh_descending(factor.astype(compute_dtype))).astype(factor.dtype)
+
+
 def power_qr(factor: jax.Array, basis: jax.Array) -> jax.Array:
   """One power iteration followed by QR: the cheap refresh SOAP uses (columns not sorted)."""
   q, _ = jnp.linalg.qr(jnp.matmul(factor, basis, precision=_EXACT))

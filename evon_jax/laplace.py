@@ -320,7 +320,8 @@ def fit(
     factors = over_data(factor_sums)
   else:  # no leaf has a basis: skip the first pass
     factors = [KroneckerPair(None, None) for _ in trainable_layouts]
-  bases = jax.jit(lambda pairs: [jax.tree.map(_eigenbasis, pair) for pair in pairs])(factors)
+  bases = jax.jit(lambda pairs: [jax.tree.map(eigenbasis.fresh_eigenbasis, pair)
+                                 for pair in pairs])(factors)
 
   def rotated_squares(grads, bases):
     return [jnp.sum(jnp.square(rotate_in(g, q, _EXACT)), axis=0)
@@ -334,13 +335,6 @@ def fit(
       template, treedef, layouts, leaves, trainable_ids, factors, bases, hessians, num_data,
       prior_precision))
   return assemble(template, [jnp.asarray(leaf) for leaf in leaves], factors, bases, hessians)
-
-
-def _eigenbasis(factor):
-  """Eigenvectors (descending eigenvalues, canonical signs) of a factor, in ≥ float32."""
-  compute = jnp.promote_types(factor.dtype, jnp.float32)
-  return eigenbasis.canonical_signs(
-      eigenbasis.eigh_descending(factor.astype(compute))).astype(factor.dtype)
 
 
 def _laplace_state(template, treedef, layouts, leaves, trainable_ids, factors, bases,

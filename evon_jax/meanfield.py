@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import _validation as check
+from evon_jax import predictive
 
 __all__ = [
     "MeanField", "GaussianPrior", "ScaleMixturePrior", "init", "stddev", "sample",
@@ -274,4 +275,4 @@ def sample_predictive(apply_fn: Callable[[Any, jax.Array], jax.Array], q: MeanFi
   `evon_jax.predictive.sample_predictive`, and `evon_jax.metrics` takes the result.
   """
   weights = sample(key, q, num_samples)
-  return jax.vmap(lambda params: jax.nn.softmax(apply_fn(params, inputs), axis=-1))(weights)
+  return predictive.probabilities_of_samples(apply_fn, weights, inputs)

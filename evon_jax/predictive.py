@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from evon_jax import posterior
 
 __all__ = [
-    "sample_predictive", "bayesian_model_average", "mean_predictive", "linearized_logits",
-    "linearized_sample_predictive", "linearized_predictive",
+    "sample_predictive", "probabilities_of_samples", "bayesian_model_average",
+    "mean_predictive", "linearized_logits", "linearized_sample_predictive",
+    "linearized_predictive",
 ]
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -44,7 +45,16 @@ def sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
     ``(num_samples, *logits_shape)`` probabilities; ``mean(axis=0)`` is the Bayesian model
     average, and `evon_jax.metrics.mutual_information` takes this array directly.
   """
-  weights = posterior.sample(key, opt_state, num_samples)
+  return probabilities_of_samples(apply_fn, posterior.sample(key, opt_state, num_samples),
+                                  inputs)
+
+
+def probabilities_of_samples(apply_fn: ApplyFn, weights, inputs: jax.Array) -> jax.Array:
+  """``softmax(f(x; W_s))`` for weight samples with a leading sample axis, ``(S, *logits)``.
+
+  Shared by every sampling predictive (EVON/IVON/Laplace states here, `evon_jax.meanfield`,
+  `evon_jax.viking`); memory grows with the number of samples.
+  """
   return jax.vmap(lambda params: jax.nn.softmax(apply_fn(params, inputs), axis=-1))(weights)
 
 

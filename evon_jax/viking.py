@@ -109,6 +109,7 @@ from jax.flatten_util import ravel_pytree
 
 from evon_jax._validation import check_choice, check_non_negative, check_positive
 from evon_jax._validation import check_static_int
+from evon_jax import predictive
 
 __all__ = [
     "VikingParams", "init", "image_projection", "kernel_projection", "estimate_rank",
@@ -414,7 +415,7 @@ def sample_predictive(key: jax.Array, apply_fn: ApplyFn, q: VikingParams, projec
   average; `evon_jax.metrics` takes the result directly.
   """
   weights = sample(key, apply_fn, q, projection_inputs, num_samples, **projection_options)
-  return jax.vmap(lambda params: jax.nn.softmax(apply_fn(params, inputs), axis=-1))(weights)
+  return predictive.probabilities_of_samples(apply_fn, weights, inputs)
 
 
 def elbo_loss(key: jax.Array, nll_fn: NllFn, apply_fn: ApplyFn, q: VikingParams, batch, *,

@@ -282,22 +282,28 @@ def _evon(setting: dict, steps: int, num_train: int, seed: int):
 Predictor = Callable[[jax.Array], tuple]  # inputs -> (probs, sample_probs or None)
 
 
+def averaging_predictor(sample_probs_fn: Callable[[jax.Array], jax.Array]) -> Predictor:
+  """A jitted predictor from ``inputs -> (S, n, K)`` per-sample probabilities: returns their
+  average (the model average) and the samples."""
+
+  @jax.jit
+  def predictor(x):
+    sample_probs = sample_probs_fn(x)
+    return sample_probs.mean(0), sample_probs
+
+  return predictor
+
+
 def posterior_predictors(name: str, model, state, key: jax.Array) -> dict[str, Predictor]:
   """``{name BMA, name linearised}`` predictors of a SOAP-Bubble state (EVON, IVON, or a
   post-hoc Laplace fit): ``NUM_SAMPLES`` weight samples from ``key`` through the network and
   through its linearisation at the mean."""
-
-  @jax.jit
-  def bma(x):
-    sample_probs = predictive.sample_predictive(model, state, x, key, NUM_SAMPLES)
-    return sample_probs.mean(0), sample_probs
-
-  @jax.jit
-  def linearised(x):
-    sample_probs = predictive.linearized_sample_predictive(model, state, x, key, NUM_SAMPLES)
-    return sample_probs.mean(0), sample_probs
-
-  return {f"{name} BMA": bma, f"{name} linearised": linearised}
+  return {
+      f"{name} BMA": averaging_predictor(lambda x: predictive.sample_predictive(
+          model, state, x, key, NUM_SAMPLES)),
+      f"{name} linearised": averaging_predictor(
+          lambda x: predictive.linearized_sample_predictive(model, state, x, key,
+                                                            NUM_SAMPLES))}
 
 
 def fit_method(method: str, setting: dict, data: Data, hidden: int, steps: int,
@@ -329,11 +335,8 @@ def fit_method(method: str, setting: dict, data: Data, hidden: int, steps: int,
                        jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), members=True,
                        timings=timings)
 
-    @jax.jit
-    def ensemble(x):
-      sample_probs = jax.vmap(lambda p: jax.nn.softmax(mlp(p, x), axis=-1))(members)
-      return sample_probs.mean(0), sample_probs
-
+    ensemble = averaging_predictor(
+        lambda x: predictive.probabilities_of_samples(mlp, members, x))
     return {f"ensemble ({ENSEMBLE_SIZE})": ensemble}
 
   if method == "MC dropout":
@@ -341,12 +344,9 @@ def fit_method(method: str, setting: dict, data: Data, hidden: int, steps: int,
     p, _ = train(_adamw(setting, steps), params, data.x_train, data.y_train, steps, train_key,
                  dropout_rate=rate, timings=timings)
 
-    @jax.jit
-    def mc_dropout(x):
-      keys = jax.random.split(sample_key, NUM_SAMPLES)
-      sample_probs = jax.vmap(lambda k: jax.nn.softmax(mlp(p, x, k, rate), axis=-1))(keys)
-      return sample_probs.mean(0), sample_probs
-
+    masks = jax.random.split(sample_key, NUM_SAMPLES)
+    mc_dropout = averaging_predictor(lambda x: jax.vmap(
+        lambda k: jax.nn.softmax(mlp(p, x, k, rate), axis=-1))(masks))
     return {"MC dropout": mc_dropout}
 
   if method in ("IVON", "EVON"):
