@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 import evon_jax
+from evon_jax.lowrank import num_parameters as _num_entries
 
 _CLASSIFY = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "classify.py")
 
@@ -122,14 +123,10 @@ def load(dataset: str, seed: int, max_train: int | None):
 # ------------------------------------------------------------------------------- methods
 
 
-def _size(tree) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
 def _posterior_floats(state) -> int:
   """Floats an EVON/IVON/Laplace posterior needs: mean, H and the (non-empty) bases."""
   state = evon_jax.posterior.find_evon_state(state)
-  return _size(state.mean) + _size(state.hessian) + _size(state.bases)
+  return sum(_num_entries(tree) for tree in (state.mean, state.hessian, state.bases))
 
 
 class Fit(dict):
@@ -209,7 +206,7 @@ def fit_laplace(setting, data, config, seed) -> Fit:
                                                grid=LAPLACE_GRID)
   jax.block_until_ready(state)
   fit_s = time.perf_counter() - start
-  weights = _size(map_params)
+  weights = _num_entries(map_params)
   return Fit(classify.posterior_predictors("Laplace", classify.apply_fn, state, sample_key),
              weights=weights, posterior_floats=_posterior_floats(state),
              train_s=train_s + fit_s, compile_s=compile_s,
@@ -249,7 +246,7 @@ def fit_laplace_validation(setting, data, config, seed) -> Fit:
           name, classify.apply_fn, tuned["sampled"], sample_key)[f"{name} BMA"],
       f"{name} linearised": classify.posterior_predictors(
           name, classify.apply_fn, tuned["linearized"], sample_key)[f"{name} linearised"]}
-  return Fit(predictors, weights=_size(map_params),
+  return Fit(predictors, weights=_num_entries(map_params),
              posterior_floats=_posterior_floats(state), train_s=train_s + fit_s,
              compile_s=compile_s,
              extra={"laplace_fit_s": fit_s, "prior_precision_sampled": chosen["sampled"],
@@ -280,7 +277,7 @@ def _fit_low_rank_variational(method: str, make_optimizer) -> Callable:
     name = f"low-rank {method} BMA"
     predictor = classify.posterior_predictors(
         f"low-rank {method}", lowrank.low_rank_mlp, state, sample_key)[name]
-    return Fit({name: predictor}, weights=_size(params),
+    return Fit({name: predictor}, weights=_num_entries(params),
                posterior_floats=_posterior_floats(state), train_s=train_s,
                compile_s=compile_s)
   return fit
@@ -315,8 +312,8 @@ def fit_low_rank_mfvi(setting, data, config, seed) -> Fit:
   train_s, compile_s = _timed(timings)
   predictor = classify.averaging_predictor(lambda x: meanfield.sample_predictive(
       lowrank.low_rank_mlp, q, x, sample_key, NUM_SAMPLES))
-  return Fit({"low-rank MFVI BMA": predictor}, weights=_size(params),
-             posterior_floats=_size(q), train_s=train_s, compile_s=compile_s)
+  return Fit({"low-rank MFVI BMA": predictor}, weights=_num_entries(params),
+             posterior_floats=_num_entries(q), train_s=train_s, compile_s=compile_s)
 
 
 @_fitter("VIKING")
@@ -349,7 +346,8 @@ def fit_viking(setting, data, config, seed) -> Fit:
   train_s, compile_s = _timed(timings)
   predictor = classify.averaging_predictor(lambda x: viking.sample_predictive(
       sample_key, classify.apply_fn, q, projection_inputs, x, NUM_SAMPLES, **options))
-  return Fit({"VIKING BMA": predictor}, weights=_size(params), posterior_floats=_size(q),
+  return Fit({"VIKING BMA": predictor}, weights=_num_entries(params),
+             posterior_floats=_num_entries(q),
              train_s=train_s, compile_s=compile_s,
              extra={"sigma_ker": float(jnp.exp(q.log_sigma_ker)),
                     "sigma_im": float(jnp.exp(q.log_sigma_im))})
