@@ -65,6 +65,39 @@ def state_bytes(optimizers: Sequence[str], d_values: Sequence[int], *,
   return out
 
 
+# Leaves whose shape a merged matrix view would blow up: an attention kernel, a conv
+# kernel and 12 stacked (nnx.scan) MLP kernels.
+SHAPED_LEAVES = {
+    "attention (768, 12, 64)": ((768, 12, 64), None),
+    "conv (3, 3, 256, 256)": ((3, 3, 256, 256), None),
+    "stacked (12, 768, 3072)": ((12, 768, 3072), 1),
+}
+
+
+def shaped_leaf_state_bytes() -> list[dict]:
+  """State bytes of single N-D leaves: EVON and SOAP with their per-axis factors, EVON with
+  the merged matrix view (`dimension_numbers=evon_jax.matrix_view`), and AdamW."""
+  import evon_jax
+  import optax
+  out = []
+  for label, (shape, stacked) in SHAPED_LEAVES.items():
+    params = {"kernel": jax.ShapeDtypeStruct(shape, np.float32)}
+    param_bytes = 4 * int(np.prod(shape))
+    kw = dict(stacked_dims=stacked)
+    optimizers = {
+        "evon (per axis)": evon_jax.evon(1e-3, ess=1e4, hess_init=0.1, **kw),
+        "evon (matrix view)": evon_jax.evon(1e-3, ess=1e4, hess_init=0.1,
+                                            dimension_numbers=evon_jax.matrix_view, **kw),
+        "soap (per axis)": evon_jax.soap(1e-3, **kw),
+        "adamw": optax.adamw(1e-3)}
+    for name, tx in optimizers.items():
+      state = jax.eval_shape(tx.init, params)
+      total = sum(_bytes_of(x) for x in jax.tree.leaves(state))
+      out.append({"leaf": label, "optimizer": name, "param_bytes": param_bytes,
+                  "state_bytes": total, "state_per_param_byte": total / param_bytes})
+  return out
+
+
 def step_buffer_plan(optimizers: Sequence[str], d: int, *, layers: int = 4) -> dict:
   """XLA's memory analysis of each optimizer's compiled step (bytes)."""
   shapes = common.transformer_shapes(d, layers)

@@ -77,8 +77,8 @@ def step_pieces(d: int, layers: int, repeats: int = 5) -> dict:
   layouts = [leaf_layout(x.shape, x.dtype, max_precond_dim=10000, precondition_1d=False)
              for x in leaves]
   factors = [kronecker.factor_statistics(x, lay) for x, lay in zip(leaves, layouts)]
-  bases = [kronecker.KroneckerPair(*(eigenbasis.eigh_descending(f) for f in pair))
-           for pair in factors]
+  bases = [tuple(None if f is None else eigenbasis.eigh_descending(f) for f in per_axis)
+           for per_axis in factors]
   num = sum(x.size for x in leaves)
   out = {"d": d, "layers": layers, "num_params": int(num)}
 

@@ -80,6 +80,7 @@ def run_section(name: str, cfg: dict):
     optimizers = common.OPTIMIZERS
     return {
         "state_bytes": memory.state_bytes(optimizers, cfg["d_values"], layers=cfg["layers"]),
+        "shaped_leaves": memory.shaped_leaf_state_bytes(),
         "step_buffer_plan": memory.step_buffer_plan(
             cfg.get("plan_optimizers", optimizers), cfg["rss_d"], layers=cfg["layers"]),
         "peak_rss": memory.peak_rss(cfg.get("rss_optimizers", optimizers), cfg["rss_d"],
@@ -204,6 +205,12 @@ def summary_markdown(results: dict) -> str:
                          if v >= 2**16)
       lines.append(f"| {rec['d']} | {rec['optimizer']} | "
                    f"{_fmt(rec['state_per_param_byte'], 2)} | {fields} |")
+    if memory.get("shaped_leaves"):
+      lines += ["", "| N-D leaf | optimizer | state MB | state / params |", "| --- " * 4 + "|"]
+      for rec in memory["shaped_leaves"]:
+        lines.append(f"| {rec['leaf']} | {rec['optimizer']} | "
+                     f"{_fmt(rec['state_bytes'] / 2**20)} | "
+                     f"{_fmt(rec['state_per_param_byte'], 2)} |")
     lines += ["", "| optimizer | XLA temp MB | steps peak RSS - baseline MB | "
               "compile peak RSS - baseline MB |", "| --- " * 4 + "|"]
     for rec in memory["peak_rss"]:

@@ -18,21 +18,24 @@ from evon_jax._evon import EvonState, SampleStatistics, training_samples
 from evon_jax._optimizers import evon, ivon
 from evon_jax import laplace, lowrank, meanfield, viking  # noqa: E402  (after the optimizers)
 from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
-from evon_jax.kronecker import KroneckerPair
+from evon_jax._layout import matrix_view
 
 # Arguments that fix shapes or branches: pass them as `static_args` to optax.inject_hyperparams
 # (e.g. `optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)`).
 # `stacked_dims` may be a callable, which inject_hyperparams would otherwise take for a schedule.
-STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "mc_samples", "key", "stacked_dims")
+STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "mc_samples", "key", "stacked_dims",
+               "dimension_numbers", "merge_dims")
 IVON_STATIC_ARGS = ("mc_samples", "key")
-SOAP_STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "stacked_dims")
+SOAP_STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "stacked_dims",
+                    "dimension_numbers", "merge_dims")
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EvonState", "IVON_STATIC_ARGS", "KroneckerPair", "SOAP_STATIC_ARGS", "SampleStatistics",
+    "EvonState", "IVON_STATIC_ARGS", "SOAP_STATIC_ARGS", "SampleStatistics",
     "ScaleBySoapState", "STATIC_ARGS", "checkpoint", "metrics", "noise", "predictive",
-    "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "meanfield",
+    "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "matrix_view",
+    "meanfield",
     "posterior", "scale_by_soap", "viking",
     "soap", "training_samples", "whitening",
 ]

@@ -10,19 +10,22 @@ that drew it. Refresh steps additionally re-express the momentum and the mean in
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from evon_jax import eigenbasis, ivon_step, noise, whitening
 from evon_jax._gating import ema_coefficients, scale_if
 from evon_jax._layout import (
-    LeafLayout, as_matrix, from_matrix, leaf_layout, state_dtype, tree_layouts)
+    LeafLayout, as_view, from_view, state_dtype, tree_layouts)
 from evon_jax.kronecker import (
-    KroneckerPair, empty_pair, ema, factor_statistics, mean_factor_statistics,
-    pairs_to_storage, rotate_in, rotate_out, storage_to_pairs)
+    AxisBases, bases_to_storage, empty_bases, ema, factor_statistics, mean_factor_statistics,
+    num_slots, rotate_in, rotate_out, storage_to_bases, stored_layouts_of)
 
 FactorGradient = Literal["loss", "regularized"]
 FactorStatistic = Literal["mean_gradient", "per_sample"]
@@ -36,13 +39,14 @@ class SampleStatistics(NamedTuple):
     rotated_grad: g° = mean_s Q_Lᵀ G_s Q_R.
     normal_times_grad: mean_s z_s ⊙ G°_s (z_s the standard normal draw of sample s).
     factor_grad: mean gradient for the factor statistics (`factor_statistic='mean_gradient'`).
-    factor_outer: mean per-sample statistics (`factor_statistic='per_sample'`).
+    factor_outer: mean per-sample statistics (`factor_statistic='per_sample'`), one per
+      Kronecker axis.
   """
 
   rotated_grad: jax.Array
   normal_times_grad: jax.Array
   factor_grad: Optional[jax.Array]
-  factor_outer: Optional[KroneckerPair]
+  factor_outer: Optional[AxisBases]
 
 
 class EvonState(NamedTuple):
@@ -57,9 +61,10 @@ class EvonState(NamedTuple):
     mean: posterior mean M° in eigen coordinates (parameter shapes).
     momentum: gradient momentum Ḡ in eigen coordinates.
     hessian: diagonal Hessian estimate H in eigen coordinates.
-    factors: Kronecker factors as KroneckerPair(left=tree, right=tree) of params-shaped
-      trees (zero-size arrays on identity sides); `kronecker.leaf_pairs` gives them per leaf.
-    bases: eigenbases (Q_L, Q_R), stored like `factors`.
+    factors: Kronecker factors, one per axis: a tuple of params-shaped trees, tree k holding
+      every leaf's k-th axis factor (ones((n,)) on identity axes, ones((1,)) past a leaf's
+      last axis; see `kronecker`); `posterior.bases` gives the bases per leaf.
+    bases: eigenbases Q_1, Q_2, … of the axes, stored like `factors`.
     ess: effective sample size used by the last call (read by `evon_jax.posterior`).
     weight_decay: prior precision per example delta used by the last call.
     accumulator: SampleStatistics of params-shaped trees summing the calls of a step
@@ -105,11 +110,14 @@ class EvonConfig:
   axis_name: Any = None
   replica_noise: ReplicaNoise = "shared"
   stacked_dims: Any = None
+  dimension_numbers: Any = None
+  merge_dims: bool = False
 
   def layouts(self, tree) -> list[LeafLayout]:
     return tree_layouts(tree, max_precond_dim=self.max_precond_dim,
                         precondition_1d=self.precondition_1d, use_bases=self.use_bases,
-                        stacked_dims=self.stacked_dims)
+                        stacked_dims=self.stacked_dims,
+                        dimension_numbers=self.dimension_numbers, merge_dims=self.merge_dims)
 
   def refresh_offset(self, leaf_index: int) -> int:
     return leaf_index % self.precondition_frequency if self.stagger_refresh else 0
@@ -165,7 +173,7 @@ def _standard_normal(seeds, leaf_index, layout: LeafLayout, dtype):
   seeds come from one threefry call per sample, shared by all leaves (compile time grows
   with the number of threefry calls; ~4x on a 54-leaf model with one per leaf).
   """
-  return noise.standard_normal_from_seeds(seeds, leaf_index, layout.matrix_shape, dtype)
+  return noise.standard_normal_from_seeds(seeds, leaf_index, layout.view_shape, dtype)
 
 
 # ----------------------------------------------------------------------------- per-leaf maths
@@ -254,9 +262,9 @@ def _validate_grads_shape(grad, layout, config, leaf_name):
   if not config.drop_in:
     stacked = (config.mc_samples,) + layout.shape
     if tuple(grad.shape) == stacked:
-      return jnp.reshape(grad, (config.mc_samples,) + layout.matrix_shape)
+      return jnp.reshape(grad, (config.mc_samples,) + layout.view_shape)
     if config.mc_samples == 1 and tuple(grad.shape) == expected:
-      return jnp.reshape(grad, (1,) + layout.matrix_shape)
+      return jnp.reshape(grad, (1,) + layout.view_shape)
     raise ValueError(
         f"Leaf {leaf_name}: explicit mode (drop_in=False) expects gradients of shape "
         f"{stacked} (one per training sample), got {tuple(grad.shape)}.")
@@ -264,20 +272,23 @@ def _validate_grads_shape(grad, layout, config, leaf_name):
     raise ValueError(
         f"Leaf {leaf_name}: gradient shape {tuple(grad.shape)} does not match the parameter "
         f"shape {expected} the optimizer was initialised with.")
-  return jnp.reshape(grad, (1,) + layout.matrix_shape)
+  return jnp.reshape(grad, (1,) + layout.view_shape)
 
 
 class _Leaf(NamedTuple):
-  """One trainable leaf's posterior in matrix views (eigen coordinates)."""
+  """One trainable leaf's posterior in its Kronecker view (eigen coordinates)."""
 
   mean: jax.Array
   momentum: jax.Array
   hessian: jax.Array
-  factors: KroneckerPair
-  basis: KroneckerPair
+  factors: AxisBases
+  basis: AxisBases
 
 
-_FROZEN = jnp.zeros((0,), jnp.float32)  # placeholder for integer / empty leaves
+def _frozen_placeholder(dtype=jnp.float32):
+  """The momentum / Hessian entry of an integer or empty leaf: one scalar (not a zero-size
+  array, which orbax refuses to save)."""
+  return jnp.zeros((), dtype)
 
 
 def _widest_float():
@@ -286,55 +297,63 @@ def _widest_float():
   return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-def _empty_side():
-  return jnp.zeros((0, 0), jnp.float32)
 
 
 # ----------------------------------------------------------------------------- state <-> leaves
 
 
 def _unpack(state: EvonState, treedef, layouts) -> list[Optional[_Leaf]]:
-  """Per-leaf matrix views of the state; None for frozen leaves."""
+  """Per-leaf Kronecker views of the state; None for frozen leaves."""
   columns = zip(
       treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.momentum),
-      treedef.flatten_up_to(state.hessian), storage_to_pairs(state.factors, treedef),
-      storage_to_pairs(state.bases, treedef))
+      treedef.flatten_up_to(state.hessian), storage_to_bases(state.factors, treedef, layouts),
+      storage_to_bases(state.bases, treedef, layouts))
   return [
-      _Leaf(as_matrix(m, layout), as_matrix(g, layout), as_matrix(h, layout), f, q)
+      _Leaf(as_view(m, layout), as_view(g, layout), as_view(h, layout), f, q)
       if layout.trainable else None
       for layout, (m, g, h, f, q) in zip(layouts, columns)]
 
 
-def _pack(leaves, frozen_means, treedef, layouts):
+def _statistics_dtypes(leaves, config) -> list:
+  """Per leaf, the dtype of its statistics (the frozen leaves' placeholders included)."""
+  fallback = state_dtype(jnp.float32, config.dtype)
+  return [fallback if leaf is None else leaf.hessian.dtype for leaf in leaves]
+
+
+def _pack(leaves, frozen_means, treedef, layouts, config):
   """The state fields (mean, momentum, hessian, factors, bases) from per-leaf views."""
+  dtypes = _statistics_dtypes(leaves, config)
+
   def field(get, frozen):
     return treedef.unflatten([
-        from_matrix(get(leaf), layout) if layout.trainable else frozen(i)
+        from_view(get(leaf), layout) if layout.trainable else frozen(i)
         for i, (leaf, layout) in enumerate(zip(leaves, layouts))])
 
-  pairs = lambda get: pairs_to_storage(
-      [get(leaf) if leaf is not None else KroneckerPair(None, None) for leaf in leaves],
-      treedef)
+  slots = num_slots(layouts)
+  per_axis = lambda get: bases_to_storage(
+      [get(leaf) if leaf is not None else () for leaf in leaves], layouts, treedef, slots,
+      dtypes)
   return dict(
       mean=field(lambda l: l.mean, lambda i: frozen_means[i]),
-      momentum=field(lambda l: l.momentum, lambda i: _FROZEN),
-      hessian=field(lambda l: l.hessian, lambda i: _FROZEN),
-      factors=pairs(lambda l: l.factors),
-      bases=pairs(lambda l: l.basis))
+      momentum=field(lambda l: l.momentum, lambda i: _frozen_placeholder(dtypes[i])),
+      hessian=field(lambda l: l.hessian, lambda i: _frozen_placeholder(dtypes[i])),
+      factors=per_axis(lambda l: l.factors),
+      bases=per_axis(lambda l: l.basis))
 
 
-def _statistics_to_storage(stats, treedef) -> SampleStatistics:
+def _statistics_to_storage(stats, treedef, layouts) -> SampleStatistics:
   """Per-leaf SampleStatistics (None for frozen leaves) -> SampleStatistics of trees."""
   first = next(s for s in stats if s is not None)
+  dtypes = [first.rotated_grad.dtype if s is None else s.rotated_grad.dtype for s in stats]
   arrays = lambda get: treedef.unflatten(
-      [_empty_side() if s is None else get(s) for s in stats])
+      [_frozen_placeholder(d) if s is None else get(s) for s, d in zip(stats, dtypes)])
   return SampleStatistics(
       rotated_grad=arrays(lambda s: s.rotated_grad),
       normal_times_grad=arrays(lambda s: s.normal_times_grad),
       factor_grad=None if first.factor_grad is None else arrays(lambda s: s.factor_grad),
-      factor_outer=None if first.factor_outer is None else pairs_to_storage(
-          [KroneckerPair(None, None) if s is None else s.factor_outer for s in stats],
-          treedef))
+      factor_outer=None if first.factor_outer is None else bases_to_storage(
+          [() if s is None else s.factor_outer for s in stats], layouts, treedef,
+          num_slots(layouts), dtypes))
 
 
 def _storage_to_statistics(stored: SampleStatistics, treedef, layouts):
@@ -342,7 +361,7 @@ def _storage_to_statistics(stored: SampleStatistics, treedef, layouts):
              treedef.flatten_up_to(stored.normal_times_grad)]
   factor_grads = (treedef.flatten_up_to(stored.factor_grad)
                   if stored.factor_grad is not None else [None] * len(layouts))
-  outers = (storage_to_pairs(stored.factor_outer, treedef)
+  outers = (storage_to_bases(stored.factor_outer, treedef, layouts)
             if stored.factor_outer is not None else [None] * len(layouts))
   return [SampleStatistics(r, z, g, o) if layout.trainable else None
           for layout, r, z, g, o in zip(layouts, *columns, factor_grads, outers)]
@@ -362,20 +381,20 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
       accumulators.append(None)
       continue
     dtype = state_dtype(leaf.dtype, config.dtype)
-    zeros = jnp.zeros(layout.matrix_shape, dtype)
+    zeros = jnp.zeros(layout.view_shape, dtype)
     views.append(_Leaf(
         # A copy: a mean that aliased the params buffer would break buffer donation.
-        mean=jnp.array(as_matrix(leaf, layout), dtype=dtype, copy=True),
+        mean=jnp.array(as_view(leaf, layout), dtype=dtype, copy=True),
         momentum=zeros if config.momentum_dtype is None else zeros.astype(
             config.momentum_dtype),
-        hessian=jnp.full(layout.matrix_shape, hp.hess_init, dtype),
-        factors=empty_pair(layout, dtype, "zeros"),
-        basis=empty_pair(layout, dtype, "eye")))
+        hessian=jnp.full(layout.view_shape, hp.hess_init, dtype),
+        factors=empty_bases(layout, dtype, "zeros"),
+        basis=empty_bases(layout, dtype, "eye")))
     per_sample = config.factor_statistic == "per_sample"
     accumulators.append(SampleStatistics(
         rotated_grad=zeros, normal_times_grad=zeros,
         factor_grad=None if per_sample else zeros,
-        factor_outer=empty_pair(layout, dtype, "zeros") if per_sample else None))
+        factor_outer=empty_bases(layout, dtype, "zeros") if per_sample else None))
   accumulate = config.drop_in and config.mc_samples > 1 and any(l.trainable for l in layouts)
   return EvonState(
       count=jnp.zeros([], jnp.int32),
@@ -384,8 +403,9 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
       sample_noise=jnp.zeros([], jnp.float32),
       ess=jnp.asarray(hp.ess, _widest_float()),
       weight_decay=jnp.asarray(hp.weight_decay, _widest_float()),
-      accumulator=_statistics_to_storage(accumulators, treedef) if accumulate else None,
-      **_pack(views, leaves, treedef, layouts))
+      accumulator=(_statistics_to_storage(accumulators, treedef, layouts) if accumulate
+                   else None),
+      **_pack(views, leaves, treedef, layouts, config))
 
 
 def _as_typed_key(key):
@@ -462,7 +482,7 @@ def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
     thetas = None
     if config.factor_gradient == "regularized":
       if config.drop_in:  # the loop holds the sample itself
-        thetas = as_matrix(jnp.asarray(param), layout).astype(dtype)[None]
+        thetas = as_view(jnp.asarray(param), layout).astype(dtype)[None]
       else:
         thetas = rotate_out(
             sample_eigen(view.mean, view.hessian, normals, 1.0, hp.ess, hp.weight_decay),
@@ -529,7 +549,7 @@ def _accumulate(stats, state, treedef, layouts, config, finite):
   keep = 1.0 - complete.astype(jnp.float32)
   carried = [None if s is None else jax.tree.map(lambda x: keep.astype(x.dtype) * x, s)
              for s in sums]
-  return averaged, complete, _statistics_to_storage(carried, treedef)
+  return averaged, complete, _statistics_to_storage(carried, treedef, layouts)
 
 
 def _step_leaves(views, stats, layouts, count, active, config, hp):
@@ -579,7 +599,7 @@ def _next_parameters(views, layouts, params, key, noise_scale, config, hp, treed
       normal = _standard_normal(seeds, i, layout, eigen.dtype)
       eigen = sample_eigen(eigen, view.hessian, normal, noise_scale.astype(eigen.dtype),
                            hp.ess, hp.weight_decay)
-    target = from_matrix(rotate_out(eigen, view.basis, config.rotation_precision), layout)
+    target = from_view(rotate_out(eigen, view.basis, config.rotation_precision), layout)
     updates.append((target.astype(param.dtype) - param) * moved.astype(param.dtype))
   return treedef.unflatten(updates)
 
@@ -631,8 +651,40 @@ def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperpa
       ess=jnp.asarray(hp.ess, _widest_float()),
       weight_decay=jnp.asarray(hp.weight_decay, _widest_float()),
       accumulator=accumulator,
-      **_pack(views, frozen_means, treedef, layouts))
+      **_pack(views, frozen_means, treedef, layouts, config))
   return updates, new_state
+
+
+def _is_static(value) -> bool:
+  """Python numbers, callables (schedules) and None are compile-time constants of the update;
+  arrays (e.g. from `optax.inject_hyperparams`) are traced, so new values do not recompile."""
+  if value is None or callable(value):
+    return True
+  return isinstance(value, numbers.Number) and not isinstance(value, (jax.Array, np.ndarray))
+
+
+def split_hyperparams(hp: NamedTuple) -> tuple[tuple, tuple]:
+  """(static, traced) halves of a hyperparameter tuple; `join_hyperparams` undoes it."""
+  static = tuple(v if _is_static(v) else None for v in hp)
+  traced = tuple(None if _is_static(v) else v for v in hp)
+  return static, traced
+
+
+def join_hyperparams(kind, static: tuple, traced: tuple):
+  return kind(*(s if t is None else t for s, t in zip(static, traced)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "static_hp"))
+def _compiled_update(grads, state, params, traced_hp, *, config, static_hp):
+  """`_update` compiled once per (settings, static hyperparameters, shapes), module-wide.
+
+  The cache is keyed on values, not on a transformation object: `optax.inject_hyperparams`
+  rebuilds the transformation on every call and a notebook may rebuild it per cell, and
+  neither recompiles (a jit made per transformation would). Inside a user's `jit` this is
+  inlined.
+  """
+  hp = join_hyperparams(EvonHyperparams, static_hp, traced_hp)
+  return _update(grads, state, params, config, hp)
 
 
 def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
@@ -642,13 +694,7 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
   def init_fn(params):
     return _init_state(params, config, hp, key)
 
-  def step(grads, state, params):
-    return _update(grads, state, params, config, hp)
-
-  # Compiled once per transformation: called eagerly, the update would otherwise retrace
-  # its control flow on every call. Inside a user's jit this nested jit is simply inlined.
-  # Under `axis_name` it must stay unjitted: collectives need the caller's mapped axis.
-  compiled = step if config.axis_name is not None else jax.jit(step)
+  static_hp, traced_hp = split_hyperparams(hp)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -658,7 +704,10 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
           "returns (next sample - params), explicit mode returns (new mean - params).")
     _check_tree("gradient", updates, state.mean)
     _check_tree("params", params, state.mean, compare_shapes=True)
-    return compiled(updates, state, params)
+    if config.axis_name is not None:  # collectives need the caller's mapped axis: no jit
+      return _update(updates, state, params, config, hp)
+    return _compiled_update(updates, state, params, traced_hp, config=config,
+                            static_hp=static_hp)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -690,18 +739,9 @@ def _check_tree(what: str, tree, reference, compare_shapes: bool = False):
 
 
 def stored_layouts(state: EvonState) -> list[LeafLayout]:
-  """Leaf layouts as the state records them: the number of stacked dims from the rank of a
-  stored basis (a leaf without bases is elementwise, so its stacking does not matter; the
-  noise, drawn by flat index, is the same either way)."""
+  """Leaf layouts as the state records them (see `kronecker.stored_layout`)."""
   treedef = jax.tree.structure(state.mean)
-  layouts = []
-  for mean, pair in zip(treedef.flatten_up_to(state.mean),
-                        storage_to_pairs(state.bases, treedef)):
-    side = pair.left if pair.left is not None else pair.right
-    stacked = 0 if side is None else side.ndim - 2
-    layouts.append(leaf_layout(mean.shape, mean.dtype, max_precond_dim=0,
-                               precondition_1d=False, stacked_dims=stacked))
-  return layouts
+  return stored_layouts_of(treedef.flatten_up_to(state.mean), state.bases, treedef)
 
 
 def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:

@@ -83,11 +83,14 @@ def evon(
     axis_name=None,
     replica_noise: str = "shared",
     stacked_dims=None,
+    dimension_numbers=None,
+    merge_dims: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenspace Variational Online Newton: IVON in SOAP's eigenbasis (a SOAP-Bubble).
 
   The posterior of a matrix leaf is ``W = M + Q_L E Q_Rᵀ`` with ``E_ij ~ N(0, V_ij)``,
   ``V = 1 / (ess (H + weight_decay))``: a non-diagonal Gaussian stored with SOAP's memory.
+  A leaf with more dims gets one factor and basis per dim, ``W = M + E ×₁ Q₁ ×₂ Q₂ …``.
   Each real step (ALGORITHM.md): rotate the gradient in, ``ĥ = E ⊙ G° / V`` (Price),
   ``Ḡ ← b1 Ḡ + (1-b1) G°``, IVON's positive Hessian update, ``M ← M - lr Q_L U Q_Rᵀ`` with
   ``U = (Ḡ/(1-b1ᵗ) + δ M°) / (H + δ + eps)`` (Newton–Schulz whitened when ``whiten``),
@@ -114,7 +117,7 @@ def evon(
     eps: added to H + weight_decay in the update's denominator.
     weight_decay: prior precision per example δ (prior N(0, 1/(ess δ) I)).
     precondition_frequency: real steps between basis refreshes (static).
-    max_precond_dim: a side longer than this keeps the identity basis (static).
+    max_precond_dim: an axis longer than this keeps the identity basis (static).
     precondition_1d: give 1-D leaves a full basis (else plain IVON on them).
     hess_clip_ratio: clip ĥ to ±ratio (H + eps); None disables.
     whiten: Newton–Schulz orthogonalise matrix updates, L2-normalise vector updates.
@@ -153,7 +156,16 @@ def evon(
       own factors and bases instead of one (layers·m) x n matrix view. An int for every
       leaf (capped at each leaf's rank) or a callable `(path, leaf) -> int`, e.g.
       ``lambda path, leaf: 1 if "blocks" in jax.tree_util.keystr(path) else 0``.
-      Default None: no stacked dims (all but the last dim are merged into rows).
+      Default None: no stacked dims.
+    dimension_numbers: how a leaf's (non-stacked) dims form Kronecker axes: None (default)
+      gives every dim its own factor and basis (an attention kernel (768, 12, 64) gets
+      768², 12² and 64² factors); a callable `(path, leaf) -> groups` may merge neighbouring
+      dims, e.g. ``((0, 1), (2,))`` views a (768, 12, 64) kernel as 768·12 x 64, and
+      `evon_jax.matrix_view` merges all but the last dim of every leaf (one rows x cols pair;
+      the layout of evon_jax before 0.2). Returning None keeps a leaf's default.
+    merge_dims: merge neighbouring dims greedily while their product stays within
+      `max_precond_dim` (the reference SOAP's `merge_dims`); exclusive with
+      `dimension_numbers`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -188,6 +200,7 @@ def evon(
   check.check_choice("factor_statistic", factor_statistic, ("mean_gradient", "per_sample"))
   _check_replicas(axis_name, replica_noise)
   check.check_stacked_dims(stacked_dims)
+  check.check_dimension_numbers(dimension_numbers, merge_dims)
   config = EvonConfig(
       use_bases=True, precondition_frequency=precondition_frequency,
       max_precond_dim=max_precond_dim, precondition_1d=precondition_1d, whiten=whiten,
@@ -197,7 +210,8 @@ def evon(
       clip_hessian=hess_clip_ratio is not None, clip_update=not _is_infinite(clip_radius),
       dtype=dtype, momentum_dtype=_dtype_or_none(momentum_dtype),
       rotation_precision=rotation_precision, axis_name=axis_name,
-      replica_noise=replica_noise, stacked_dims=stacked_dims)
+      replica_noise=replica_noise, stacked_dims=stacked_dims,
+      dimension_numbers=dimension_numbers, merge_dims=bool(merge_dims))
   hp = EvonHyperparams(
       learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2,
       shampoo_b=b2 if shampoo_b is None else shampoo_b, eps=eps, weight_decay=weight_decay,

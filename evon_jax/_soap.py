@@ -9,6 +9,7 @@ rotate out.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -16,11 +17,12 @@ import jax.numpy as jnp
 import optax
 
 from evon_jax import eigenbasis
+from evon_jax._evon import split_hyperparams
 from evon_jax._gating import ema_coefficients, scale_if
-from evon_jax._layout import LeafLayout, as_matrix, from_matrix, state_dtype, tree_layouts
+from evon_jax._layout import LeafLayout, as_view, from_view, state_dtype, tree_layouts
 from evon_jax.kronecker import (
-    empty_pair, ema, factor_statistics, pairs_to_storage, rotate_in, rotate_out,
-    storage_to_pairs)
+    bases_to_storage, empty_bases, ema, factor_statistics, num_slots, rotate_in, rotate_out,
+    storage_to_bases)
 
 
 class ScaleBySoapState(NamedTuple):
@@ -30,9 +32,9 @@ class ScaleBySoapState(NamedTuple):
     count: number of update calls (the first only initialises factors and bases).
     mu: first moment in eigen coordinates.
     nu: second moment in eigen coordinates (left in place on refresh, as SOAP does).
-    factors: Kronecker factors as KroneckerPair(left=tree, right=tree) of params-shaped
-      trees (zero-size arrays on identity sides); `kronecker.leaf_pairs` gives them per leaf.
-    bases: eigenbases (Q_L, Q_R), stored like `factors`.
+    factors: Kronecker factors, one per axis, stored as in `EvonState.factors` (a tuple of
+      params-shaped trees, one per axis slot).
+    bases: eigenbases of the axes, stored like `factors`.
   """
 
   count: jax.Array
@@ -50,10 +52,13 @@ class SoapConfig:
   dtype: Any = None
   rotation_precision: Any = "highest"
   stacked_dims: Any = None
+  dimension_numbers: Any = None
+  merge_dims: bool = False
 
   def layouts(self, tree) -> list[LeafLayout]:
     return tree_layouts(tree, max_precond_dim=self.max_precond_dim,
-                        precondition_1d=self.precondition_1d, stacked_dims=self.stacked_dims)
+                        precondition_1d=self.precondition_1d, stacked_dims=self.stacked_dims,
+                        dimension_numbers=self.dimension_numbers, merge_dims=self.merge_dims)
 
 
 def _soap_leaf(grad, mu, nu, factors, basis, layout, config, b1, b2, shampoo_b, eps, count):
@@ -76,6 +81,41 @@ def _soap_leaf(grad, mu, nu, factors, basis, layout, config, b1, b2, shampoo_b, 
   return direction, mu, new_nu, factors, basis
 
 
+@functools.partial(jax.jit, static_argnames=("config", "static_hp"))
+def _compiled_soap_update(updates, state, traced_hp, *, config, static_hp):
+  """One `scale_by_soap` call, compiled once per (settings, static hyperparameters, shapes)
+  module-wide, so an eager or `inject_hyperparams` loop compiles nothing after its first
+  call (see `_evon._compiled_update`)."""
+  b1, b2, factor_decay, eps = (s if t is None else t for s, t in zip(static_hp, traced_hp))
+  treedef = jax.tree.structure(state.mu)
+  layouts = config.layouts(treedef.unflatten(treedef.flatten_up_to(updates)))
+  outs, mus, nus, factors, bases = [], [], [], [], []
+  for i, (layout, grad, mu, nu, factor, basis) in enumerate(zip(
+      layouts, treedef.flatten_up_to(updates), treedef.flatten_up_to(state.mu),
+      treedef.flatten_up_to(state.nu), storage_to_bases(state.factors, treedef, layouts),
+      storage_to_bases(state.bases, treedef, layouts))):
+    if layout.trainable and mu.shape != layout.shape:
+      raise ValueError(f"Leaf {i}: gradient shape {layout.shape} does not match the "
+                       f"parameter shape {mu.shape} the optimizer was initialised with.")
+    if not layout.trainable:
+      outs.append(jnp.zeros_like(grad))
+      mus.append(mu), nus.append(nu), factors.append(factor), bases.append(basis)
+      continue
+    view = lambda x: as_view(x, layout)
+    direction, mu, nu, factor, basis = _soap_leaf(
+        view(grad).astype(mu.dtype), view(mu), view(nu), factor, basis, layout,
+        config, b1, b2, factor_decay, eps, state.count)
+    outs.append(from_view(direction, layout).astype(grad.dtype))
+    mus.append(from_view(mu, layout)), nus.append(from_view(nu, layout))
+    factors.append(factor), bases.append(basis)
+  slots, dtypes = len(state.bases), [mu.dtype for mu in mus]
+  new_state = ScaleBySoapState(
+      state.count + 1, treedef.unflatten(mus), treedef.unflatten(nus),
+      bases_to_storage(factors, layouts, treedef, slots, dtypes),
+      bases_to_storage(bases, layouts, treedef, slots, dtypes))
+  return treedef.unflatten(outs), new_state
+
+
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -88,6 +128,8 @@ def scale_by_soap(
     dtype=None,
     rotation_precision="highest",
     stacked_dims=None,
+    dimension_numbers=None,
+    merge_dims: bool = False,
 ) -> optax.GradientTransformation:
   """Rescales updates with Adam run in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -108,6 +150,9 @@ def scale_by_soap(
     dtype: dtype of statistics (default float32, wider if params are wider).
     rotation_precision: `jax.lax.Precision` of the per-step rotations.
     stacked_dims: leading dims that index stacked, independent matrices (see `evon`).
+    dimension_numbers: per-leaf grouping of dims into Kronecker axes (see `evon`).
+    merge_dims: merge neighbouring dims while their product fits `max_precond_dim` (the
+      reference SOAP's option; exclusive with `dimension_numbers`).
 
   Returns:
     An optax transformation; chain `add_decayed_weights` and a learning rate (see `soap`).
@@ -124,51 +169,34 @@ def scale_by_soap(
   check.check_static_int("precondition_frequency", precondition_frequency, 1)
   check.check_static_int("max_precond_dim", max_precond_dim, 0)
   check.check_stacked_dims(stacked_dims)
+  check.check_dimension_numbers(dimension_numbers, merge_dims)
   config = SoapConfig(precondition_frequency, max_precond_dim, precondition_1d, dtype,
-                      rotation_precision, stacked_dims)
+                      rotation_precision, stacked_dims, dimension_numbers, bool(merge_dims))
   factor_decay = b2 if shampoo_b is None else shampoo_b
+  static_hp, traced_hp = split_hyperparams((b1, b2, factor_decay, eps))
 
   def init_fn(params):
     mus, nus, factors, bases = [], [], [], []
     leaves, treedef = jax.tree.flatten(params)
-    for leaf, layout in zip(leaves, config.layouts(params)):
+    layouts = config.layouts(params)
+    for leaf, layout in zip(leaves, layouts):
       sd = state_dtype(leaf.dtype, config.dtype)
-      shape = layout.shape if layout.trainable else (0,)
+      # integer / empty leaves: one scalar each (orbax refuses zero-size arrays)
+      shape = layout.shape if layout.trainable else ()
       mus.append(jnp.zeros(shape, sd))
       nus.append(jnp.zeros(shape, sd))
-      factors.append(empty_pair(layout, sd, "zeros"))
-      bases.append(empty_pair(layout, sd, "eye"))
+      factors.append(empty_bases(layout, sd, "zeros"))
+      bases.append(empty_bases(layout, sd, "eye"))
+    slots, dtypes = num_slots(layouts), [mu.dtype for mu in mus]
     return ScaleBySoapState(
         jnp.zeros([], jnp.int32), treedef.unflatten(mus), treedef.unflatten(nus),
-        pairs_to_storage(factors, treedef), pairs_to_storage(bases, treedef))
+        bases_to_storage(factors, layouts, treedef, slots, dtypes),
+        bases_to_storage(bases, layouts, treedef, slots, dtypes))
 
   def update_fn(updates, state, params=None):
     del params
-    treedef = jax.tree.structure(state.mu)
-    outs, mus, nus, factors, bases = [], [], [], [], []
-    layouts = config.layouts(treedef.unflatten(treedef.flatten_up_to(updates)))
-    for i, (layout, grad, mu, nu, factor, basis) in enumerate(zip(
-        layouts, treedef.flatten_up_to(updates), treedef.flatten_up_to(state.mu),
-        treedef.flatten_up_to(state.nu), storage_to_pairs(state.factors, treedef),
-        storage_to_pairs(state.bases, treedef))):
-      if layout.trainable and mu.shape != layout.shape:
-        raise ValueError(f"Leaf {i}: gradient shape {layout.shape} does not match the "
-                         f"parameter shape {mu.shape} the optimizer was initialised with.")
-      if not layout.trainable:
-        outs.append(jnp.zeros_like(grad))
-        mus.append(mu), nus.append(nu), factors.append(factor), bases.append(basis)
-        continue
-      matrix = lambda x: as_matrix(x, layout)
-      direction, mu, nu, factor, basis = _soap_leaf(
-          matrix(grad).astype(mu.dtype), matrix(mu), matrix(nu), factor, basis, layout,
-          config, b1, b2, factor_decay, eps, state.count)
-      outs.append(from_matrix(direction, layout).astype(grad.dtype))
-      mus.append(from_matrix(mu, layout)), nus.append(from_matrix(nu, layout))
-      factors.append(factor), bases.append(basis)
-    new_state = ScaleBySoapState(
-        state.count + 1, treedef.unflatten(mus), treedef.unflatten(nus),
-        pairs_to_storage(factors, treedef), pairs_to_storage(bases, treedef))
-    return treedef.unflatten(outs), new_state
+    return _compiled_soap_update(updates, state, traced_hp, config=config,
+                                 static_hp=static_hp)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -184,6 +212,8 @@ def soap(
     max_precond_dim: int = 10000,
     precondition_1d: bool = False,
     stacked_dims=None,
+    dimension_numbers=None,
+    merge_dims: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP with decoupled weight decay: chain(scale_by_soap, add_decayed_weights, -lr).
 
@@ -200,7 +230,8 @@ def soap(
   return optax.chain(
       scale_by_soap(b1, b2, shampoo_b, eps, precondition_frequency=precondition_frequency,
                     max_precond_dim=max_precond_dim, precondition_1d=precondition_1d,
-                    stacked_dims=stacked_dims),
+                    stacked_dims=stacked_dims, dimension_numbers=dimension_numbers,
+                    merge_dims=merge_dims),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )

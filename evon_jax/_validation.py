@@ -67,3 +67,14 @@ def check_stacked_dims(stacked_dims):
   if isinstance(stacked_dims, bool) or not isinstance(stacked_dims, int) or stacked_dims < 0:
     raise ValueError("stacked_dims must be None, a non-negative int or a callable "
                      f"(path, leaf) -> int, got {stacked_dims!r}.")
+
+
+def check_dimension_numbers(dimension_numbers, merge_dims):
+  if not isinstance(merge_dims, (bool, np.bool_)):
+    raise ValueError(f"merge_dims must be True or False, got {merge_dims!r}.")
+  if dimension_numbers is not None and not callable(dimension_numbers):
+    raise ValueError("dimension_numbers must be None or a callable (path, leaf) -> groups "
+                     "of neighbouring dims (None for one Kronecker axis per dim), e.g. "
+                     f"evon_jax.matrix_view; got {dimension_numbers!r}.")
+  if dimension_numbers is not None and merge_dims:
+    raise ValueError("Pass either dimension_numbers or merge_dims=True, not both.")

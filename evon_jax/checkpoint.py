@@ -1,20 +1,17 @@
 """Saving and restoring optimizer states with orbax-checkpoint.
 
-An evon_jax state is a pytree of arrays, so `orbax.checkpoint.StandardCheckpointer` handles it
-almost as is: typed PRNG keys (`EvonState.key`) are saved and restored as keys by orbax itself.
-What orbax refuses are zero-size arrays ("Cannot save arrays with zero size"), and the state
-has some: identity sides of the Kronecker factors and bases are stored as (0, 0) arrays, and
-integer or empty parameters get (0,) placeholders. `save` leaves them out of the checkpoint
-and `restore` puts them back from the template (their content is their shape), so
+Every evon_jax state is a pytree of non-empty arrays, so orbax's own
+`StandardCheckpointer` and `CheckpointManager` save and restore it as it is (typed PRNG keys
+included), also inside `flax.nnx.Optimizer`. These two functions are a convenience on top:
 
     evon_jax.checkpoint.save(path, {"params": params, "opt_state": opt_state})
     restored = evon_jax.checkpoint.restore(path, {"params": params, "opt_state": opt_state})
 
-round-trips bit for bit, and a run resumed from `restored` continues exactly as the
-uninterrupted run. The template may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from
-`jax.eval_shape(tx.init, params)`); restored arrays take the template's shardings where it has
-them. The same works for `flax.nnx` states (`nnx.state(optimizer)`), whose leaves are arrays
-too. orbax-checkpoint is imported lazily: it is needed only when these functions are called.
+`save` waits until the write is finished; `restore` takes a template of arrays or
+`jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape(tx.init, params)`) and restores into its
+shardings; and both handle zero-size *parameters* (e.g. a (3, 0) leaf), which orbax refuses
+for any optimizer ("Cannot save arrays with zero size"): they are left out of the checkpoint
+and re-created from the template. orbax-checkpoint is imported lazily.
 """
 
 from __future__ import annotations

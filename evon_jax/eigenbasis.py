@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import jax
 import jax.numpy as jnp
 
-from evon_jax.kronecker import KroneckerPair, change_basis
+from evon_jax.kronecker import AxisBases, change_basis
 
 _EXACT = jax.lax.Precision.HIGHEST
 
@@ -73,11 +73,11 @@ def _refresh_side(kind: int, factor: jax.Array, basis: jax.Array) -> jax.Array:
 
 def refresh(
     kind: jax.Array,
-    factors: KroneckerPair,
-    basis: KroneckerPair,
+    factors: AxisBases,
+    basis: AxisBases,
     carried: Sequence[jax.Array],
     in_place: bool = True,
-) -> tuple[KroneckerPair, tuple[jax.Array, ...]]:
+) -> tuple[AxisBases, tuple[jax.Array, ...]]:
   """Refreshes a basis (`kind` in KEEP / POWER_QR / EIGH) and moves eigen-coordinate buffers.
 
   `carried` are buffers held in eigen coordinates (momentum, the mean) whose parameter-space
@@ -90,7 +90,7 @@ def refresh(
   update out with the old basis, gets more copies from the loop than from the cond (68 vs
   32 per step) and passes `in_place=False`.
   """
-  if basis.left is None and basis.right is None:
+  if all(b is None for b in basis):
     return basis, tuple(carried)
 
   def moved(old_basis, buffers):

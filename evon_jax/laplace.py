@@ -55,10 +55,9 @@ import numpy as np
 from evon_jax import _validation as check
 from evon_jax import eigenbasis, posterior, predictive
 from evon_jax._evon import EvonState, stored_layouts
-from evon_jax._layout import as_matrix, from_matrix, tree_layouts
+from evon_jax._layout import as_view, from_view, tree_layouts
 from evon_jax._optimizers import evon
-from evon_jax.kronecker import (
-    KroneckerPair, mean_factor_statistics, pairs_to_storage, rotate_in)
+from evon_jax.kronecker import bases_to_storage, mean_factor_statistics, rotate_in
 
 __all__ = [
     "fit", "log_likelihood", "log_marginal_likelihood", "with_prior_precision",
@@ -178,7 +177,7 @@ def _output_cotangents(outputs, target, key, likelihood, fisher, sigma_noise):
 
 def _pseudo_gradient_fn(apply_fn, params, layouts, dtypes, likelihood, fisher, sigma_noise):
   """chunk_fn(trainable, inputs, targets, mask, key) -> per trainable leaf the stacked
-  pseudo-gradients (B·S, *matrix_shape) in that leaf's state dtype, padding rows zeroed.
+  pseudo-gradients (B·S, *view_shape) in that leaf's state dtype, padding rows zeroed.
 
   Only the trainable leaves (`dtypes` maps their flat indices to state dtypes) are
   differentiated: integer leaves stay constants of the model.
@@ -207,7 +206,7 @@ def _pseudo_gradient_fn(apply_fn, params, layouts, dtypes, likelihood, fisher, s
     for i, grad in zip(trainable_ids, grads):
       layout, dtype = layouts[i], dtypes[i]
       grad = grad * jnp.reshape(mask, mask.shape + (1,) * (grad.ndim - 1)).astype(grad.dtype)
-      out.append(jnp.reshape(grad, (-1,) + layout.matrix_shape).astype(dtype))
+      out.append(jnp.reshape(grad, (-1,) + layout.view_shape).astype(dtype))
     return out
 
   return chunk_fn
@@ -231,6 +230,7 @@ def fit(
     max_precond_dim: int = 10000,
     precondition_1d: bool = False,
     stacked_dims=None,
+    dimension_numbers=None,
 ) -> EvonState:
   r"""EK-FAC linearised Laplace posterior ``N(θ̂, (N Ĥ + λ)⁻¹)`` at trained ``params``.
 
@@ -261,7 +261,8 @@ def fit(
       the empirical Fisher, biased).
     key: PRNG key (or int seed) for ``fisher='sampled'``.
     batch_size: examples per vectorised chunk (static; sets memory).
-    max_precond_dim, precondition_1d, stacked_dims: which sides get an eigenbasis, as in
+    max_precond_dim, precondition_1d, stacked_dims, dimension_numbers: which Kronecker axes
+      a leaf has and which of them get an eigenbasis, as in
       `evon_jax.evon` (sides without one get the diagonal GGN).
 
   Returns:
@@ -282,11 +283,13 @@ def fit(
   template = jax.jit(evon(  # one compilation instead of many small eager ones
       0.0, ess=float(num_data), hess_init=1.0,
       weight_decay=float(prior_precision) / float(num_data), max_precond_dim=max_precond_dim,
-      precondition_1d=precondition_1d, stacked_dims=stacked_dims).init)(params)
+      precondition_1d=precondition_1d, stacked_dims=stacked_dims,
+      dimension_numbers=dimension_numbers).init)(params)
   _check_outputs(apply_fn, params, inputs, targets, likelihood, batch_size)
   leaves, treedef = jax.tree.flatten(params)
   layouts = tree_layouts(params, max_precond_dim=max_precond_dim,
-                         precondition_1d=precondition_1d, stacked_dims=stacked_dims)
+                         precondition_1d=precondition_1d, stacked_dims=stacked_dims,
+                         dimension_numbers=dimension_numbers)
   template_hessians = treedef.flatten_up_to(template.hessian)
   trainable_ids = [i for i, layout in enumerate(layouts) if layout.trainable]
   chunk_fn = _pseudo_gradient_fn(
@@ -316,10 +319,10 @@ def fit(
                          mean_factor_statistics(g, layout))
             for g, layout in zip(grads, trainable_layouts)]
 
-  if any(layout.left or layout.right for layout in trainable_layouts):
+  if any(layout.any_rotated for layout in trainable_layouts):
     factors = over_data(factor_sums)
   else:  # no leaf has a basis: skip the first pass
-    factors = [KroneckerPair(None, None) for _ in trainable_layouts]
+    factors = [(None,) * len(layout.axes) for layout in trainable_layouts]
   bases = jax.jit(lambda pairs: [jax.tree.map(eigenbasis.fresh_eigenbasis, pair)
                                  for pair in pairs])(factors)
 
@@ -348,22 +351,24 @@ def _laplace_state(template, treedef, layouts, leaves, trainable_ids, factors, b
     if i not in per_leaf:
       means.append(template_means[i])
       hessian_leaves.append(template_hessians[i])
-      factor_pairs.append(KroneckerPair(None, None))
-      basis_pairs.append(KroneckerPair(None, None))
+      factor_pairs.append(())
+      basis_pairs.append(())
       continue
     factor, basis, hessian = per_leaf[i]
     dtype = template_hessians[i].dtype
-    mean = rotate_in(as_matrix(jnp.asarray(leaves[i]), layout).astype(dtype), basis, _EXACT)
-    means.append(from_matrix(mean, layout))
-    hessian_leaves.append(from_matrix(hessian, layout).astype(dtype))
+    mean = rotate_in(as_view(jnp.asarray(leaves[i]), layout).astype(dtype), basis, _EXACT)
+    means.append(from_view(mean, layout))
+    hessian_leaves.append(from_view(hessian, layout).astype(dtype))
     factor_pairs.append(factor)
     basis_pairs.append(basis)
   ess = jnp.asarray(num_data, template.ess.dtype)
   return template._replace(
       mean=treedef.unflatten(means),
       hessian=treedef.unflatten(hessian_leaves),
-      factors=pairs_to_storage(factor_pairs, treedef),
-      bases=pairs_to_storage(basis_pairs, treedef),
+      factors=bases_to_storage(factor_pairs, layouts, treedef, len(template.factors),
+                               [h.dtype for h in template_hessians]),
+      bases=bases_to_storage(basis_pairs, layouts, treedef, len(template.bases),
+                             [h.dtype for h in template_hessians]),
       ess=ess,
       weight_decay=jnp.asarray(prior_precision, template.weight_decay.dtype) / ess)
 

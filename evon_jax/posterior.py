@@ -1,9 +1,10 @@
 """Reading the SOAP-Bubble posterior out of an EVON or IVON optimizer state.
 
 Every function accepts the whole optimizer state (the EVON/IVON state is found inside
-optax.chain, masked, partition, inject_hyperparams and MultiSteps wrappers). For a leaf viewed
-as an m x n matrix the posterior is W = M + Q_L E Q_Rᵀ, E_ij ~ N(0, V_ij),
-V = 1 / (ess (H + δ)); identity bases give IVON's diagonal Gaussian.
+optax.chain, masked, partition, inject_hyperparams and MultiSteps wrappers). For a leaf with
+Kronecker axes 1 … K the posterior is W = M + E ×₁ Q₁ ×₂ Q₂ … ×_K Q_K, E ~ N(0, diag V),
+V = 1 / (ess (H + δ)) (for a matrix W = M + Q_L E Q_Rᵀ); identity bases give IVON's
+diagonal Gaussian.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import jax.scipy.linalg
 import optax
 
 from evon_jax._evon import EvonState, sample_eigen, stored_layouts
-from evon_jax._layout import LeafLayout, as_matrix, from_matrix
+from evon_jax._layout import LeafLayout, as_view, from_view
 from evon_jax._state_search import find_state
-from evon_jax.kronecker import KroneckerPair, leaf_pairs, rotate_out, storage_to_pairs
+from evon_jax.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases
 
 # Posterior read-outs are off the training hot path: always use full float32 matmuls (the
 # default precision is TF32/bf16 on GPUs and TPUs, which would blur covariances and means).
@@ -39,9 +40,10 @@ def find_evon_state(opt_state) -> EvonState:
 def _per_leaf(state: EvonState):
   """Yields (layout, mean°, hessian, basis) per leaf; layout is None for frozen leaves."""
   treedef = jax.tree.structure(state.mean)
+  layouts = stored_layouts(state)
   for layout, mean_eigen, hessian, basis in zip(
-      stored_layouts(state), treedef.flatten_up_to(state.mean),
-      treedef.flatten_up_to(state.hessian), storage_to_pairs(state.bases, treedef)):
+      layouts, treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.hessian),
+      storage_to_bases(state.bases, treedef, layouts)):
     yield (layout if layout.trainable else None), mean_eigen, hessian, basis
 
 
@@ -79,8 +81,8 @@ def mean(opt_state, params=None) -> Any:
   state = find_evon_state(opt_state)
   out = _map_leaves(
       state,
-      lambda layout, m, h, q: from_matrix(
-          rotate_out(as_matrix(m, layout), q, _EXACT), layout),
+      lambda layout, m, h, q: from_view(
+          rotate_out(as_view(m, layout), q, _EXACT), layout),
       lambda m: m)
   return _fill_masked(out, params, lambda p: p)
 
@@ -93,8 +95,11 @@ def variance_eigen(opt_state) -> Any:
 
 
 def bases(opt_state) -> Any:
-  """Per leaf, the `KroneckerPair(Q_L, Q_R)` eigenbases (`None` marks an identity side)."""
-  return leaf_pairs(find_evon_state(opt_state).bases)
+  """Per leaf, its eigenbases: a tuple with one entry per Kronecker axis, the basis Q_k
+  (stacked dims first, then (n_k, n_k)) or `None` for an identity axis; a matrix leaf gives
+  (Q_L, Q_R), a leaf without bases ()."""
+  state = find_evon_state(opt_state)
+  return per_leaf(state.bases, state.mean)
 
 
 def sample(key: jax.Array, opt_state, num_samples: Optional[int] = None, params=None) -> Any:
@@ -130,9 +135,9 @@ def _draw(key, opt_state, num_samples, centered):
   leaf_keys = iter(jax.random.split(key, len(jax.tree.leaves(state.mean))))
 
   def draw(layout, m, h, q):
-    z = jax.random.normal(next(leaf_keys), (count,) + layout.matrix_shape, m.dtype)
-    center = jnp.zeros(layout.matrix_shape, m.dtype) if centered else as_matrix(m, layout)
-    eigen = sample_eigen(center, as_matrix(h, layout), z, 1.0, state.ess, state.weight_decay)
+    z = jax.random.normal(next(leaf_keys), (count,) + layout.view_shape, m.dtype)
+    center = jnp.zeros(layout.view_shape, m.dtype) if centered else as_view(m, layout)
+    eigen = sample_eigen(center, as_view(h, layout), z, 1.0, state.ess, state.weight_decay)
     out = jnp.reshape(rotate_out(eigen, q, _EXACT), (count,) + layout.shape)
     return out[0] if num_samples is None else out
 
@@ -143,42 +148,43 @@ def _draw(key, opt_state, num_samples, centered):
   return _map_leaves(state, draw, frozen)
 
 
-def _squared(basis: KroneckerPair) -> KroneckerPair:
+def _squared(basis: AxisBases) -> AxisBases:
   return jax.tree.map(jnp.square, basis)
 
 
 def marginal_stddev(opt_state, params=None) -> Any:
-  """Closed-form marginal standard deviations: sqrt((Q_L∘Q_L) V (Q_R∘Q_R)ᵀ), params-shaped.
+  """Closed-form marginal standard deviations, params-shaped: Var W = V ×₁ (Q₁∘Q₁) ×₂ …
+  (for a matrix sqrt((Q_L∘Q_L) V (Q_R∘Q_R)ᵀ)).
 
   Zero on frozen leaves and, given `params`, on leaves another optimizer owns.
   """
   state = find_evon_state(opt_state)
 
   def stddev(layout, m, h, q):
-    variance = rotate_out(as_matrix(_variance(state, h), layout), _squared(q), _EXACT)
-    return from_matrix(jnp.sqrt(variance), layout)
+    variance = rotate_out(as_view(_variance(state, h), layout), _squared(q), _EXACT)
+    return from_view(jnp.sqrt(variance), layout)
 
   out = _map_leaves(state, stddev, lambda m: jnp.zeros(m.shape, jnp.float32))
   return _fill_masked(out, params, lambda p: jnp.zeros(jnp.shape(p), jnp.float32))
 
 
-def _dense_rotations(layout: LeafLayout, q: KroneckerPair, dtype):
-  """Q_L ⊗ Q_R per stacked matrix, (blocks, rows·cols, rows·cols): maps row-major vec(E)
-  to row-major vec(W)."""
+def _dense_rotations(layout: LeafLayout, q: AxisBases, dtype):
+  """Q_1 ⊗ Q_2 ⊗ … per stacked tensor, (blocks, size, size): maps the row-major vec(E) of
+  one tensor of the stack to the row-major vec(W)."""
   blocks = math.prod(layout.batch)
-
-  def side(basis, size):
-    if basis is None:
-      return jnp.broadcast_to(jnp.eye(size, dtype=dtype), (blocks, size, size))
-    return jnp.reshape(basis, (blocks, size, size))
-
-  return jax.vmap(jnp.kron)(side(q.left, layout.rows), side(q.right, layout.cols))
+  rotation = jnp.ones((blocks, 1, 1), dtype)
+  for basis, size in zip(q, layout.axes):
+    side = (jnp.broadcast_to(jnp.eye(size, dtype=dtype), (blocks, size, size))
+            if basis is None else jnp.reshape(basis, (blocks, size, size)).astype(dtype))
+    rotation = jax.vmap(jnp.kron)(rotation, side)
+  return rotation
 
 
 def covariance(opt_state, max_size: int = 4096) -> Any:
   """Dense covariance of each leaf's row-major flattening, (size, size) per leaf.
 
-  Cov(vec W) = (Q_L ⊗ Q_R) diag(vec V) (Q_L ⊗ Q_R)ᵀ. Meant for small leaves: raises if a
+  Cov(vec W) = (Q_1 ⊗ Q_2 ⊗ …) diag(vec V) (Q_1 ⊗ Q_2 ⊗ …)ᵀ (stacked tensors are
+  independent: block diagonal). Meant for small leaves: raises if a
   leaf has more than `max_size` entries.
   """
   state = find_evon_state(opt_state)

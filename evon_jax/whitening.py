@@ -42,8 +42,10 @@ def l2_normalise(x: jax.Array) -> jax.Array:
 
 
 def whiten(update: jax.Array, layout: LeafLayout) -> jax.Array:
-  """Whitens the (rows, cols) update of a leaf: NS for matrices, L2 for vectors and scalars
-  (per stacked matrix when the leaf has stacked dims)."""
-  if len(layout.shape) - len(layout.batch) >= 2:
-    return newton_schulz(update)
-  return l2_normalise(update)
+  """Whitens a leaf's update given in its Kronecker view: NS on the matrix view (all axes but
+  the last merged into rows) when the leaf has two or more axes, L2 otherwise (per stacked
+  tensor when the leaf has stacked dims). Rotating the axes by orthogonal matrices rotates the
+  rows and the columns of that matrix view orthogonally, so NS still commutes with them."""
+  matrix = jnp.reshape(update, layout.matrix_shape)
+  whitened = newton_schulz(matrix) if layout.is_matrix else l2_normalise(matrix)
+  return jnp.reshape(whitened, update.shape)

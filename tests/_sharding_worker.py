@@ -156,7 +156,7 @@ def model_sharded():
       else NamedSharding(mesh, _model_spec(leaf)), state)
   sharded_leaves = [s for s, leaf in zip(jax.tree.leaves(state_shardings),
                                          jax.tree.leaves(state)) if s.spec != P()]
-  factor_left = state_shardings.factors.left["w1"]
+  factor_left = state_shardings.factors[0]["w1"]
   assert factor_left.spec == P("model"), factor_left.spec  # the (8, 8) Kronecker factor
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -167,8 +167,8 @@ def model_sharded():
   xs, ys = jax.device_put((x, y), batch_sharding)
   p = jax.device_put(params, replicated)
   step = step.lower(p, state, xs, ys).compile()
-  assert len(state.bases.left["w1"].addressable_shards[0].data.shape) == 2
-  assert state.bases.left["w1"].addressable_shards[0].data.shape == (4, 8)
+  assert len(state.bases[0]["w1"].addressable_shards[0].data.shape) == 2
+  assert state.bases[0]["w1"].addressable_shards[0].data.shape == (4, 8)
   history = _run(step, p, state, xs, ys)
   _check_stable(history, jax.tree.leaves(state_shardings))
   diffs = _max_differences(history, _reference(params, x, y))

@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import evon_jax  # noqa: E402
 from evon_jax import posterior  # noqa: E402
 import numpy_reference as ref  # noqa: E402
-from test_equivalence import EVON_HYPER, make_problem  # noqa: E402
+from test_equivalence import EVON_HYPER, MATRIX_VIEW, make_problem  # noqa: E402
 
 NUM_CALLS = 26  # the first call and 25 real steps; power-QR refreshes at steps 10 and 20
 LR = 0.02
@@ -31,7 +31,7 @@ LR = 0.02
 
 def _trajectory(params, loss):
   """(sample, mean before, gradient, mean after, state) of every drop-in call, as float64."""
-  tx = evon_jax.evon(LR, key=11, **EVON_HYPER)
+  tx = evon_jax.evon(LR, key=11, **EVON_HYPER, **MATRIX_VIEW)
   grad_fn, update_fn, mean_fn = jax.jit(jax.grad(loss)), jax.jit(tx.update), jax.jit(
       posterior.mean)
   state = tx.init(params)
@@ -86,7 +86,7 @@ def main():
         field, _inexact_dtypes(getattr(state64, field)))
   assert _inexact_dtypes(posterior.mean(state64)) == {"float64"}
   assert _inexact_dtypes(posterior.marginal_stddev(state64)) == {"float64"}
-  tx = evon_jax.evon(LR, key=11, **EVON_HYPER)
+  tx = evon_jax.evon(LR, key=11, **EVON_HYPER, **MATRIX_VIEW)
   state0 = tx.init(params64)
   solves = _eigensolve_dtypes(lambda g, s, p: tx.update(g, s, p), params64, state0, params64)
   assert solves == {"float64"}, solves

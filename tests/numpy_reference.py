@@ -108,6 +108,7 @@ class _Eigenbases:
       self.right = False
       self.is_matrix = False
     self.rows, self.cols = rows, cols
+    self.matrix_shape = (rows, cols)
     self.shampoo_b = shampoo_b
     self.q_left, self.q_right = np.eye(rows), np.eye(cols)
     self.f_left, self.f_right = np.zeros((rows, rows)), np.zeros((cols, cols))
@@ -153,6 +154,72 @@ class _Eigenbases:
     return self.rotate_in(momentum_param)
 
 
+class _AxisEigenbases:
+  """One Kronecker factor and eigenbasis per dim of a leaf (the per-axis layout), written with
+  NumPy mode products: X ×_k M = moveaxis(tensordot(M, X, (1, k)), 0, k). Same interface as
+  `_Eigenbases`; the "matrix" of the interface is the leaf itself."""
+
+  def __init__(self, shape, *, shampoo_b, max_precond_dim, precondition_1d):
+    self.shape = tuple(shape)
+    self.is_matrix = len(self.shape) >= 2
+    self.matrix_shape = ((int(np.prod(self.shape[:-1])), self.shape[-1]) if self.is_matrix
+                         else (int(np.prod(self.shape)), 1))
+    self.rotated = [(self.is_matrix or precondition_1d) and 1 < n <= max_precond_dim
+                    for n in self.shape]
+    self.shampoo_b = shampoo_b
+    self.q = [np.eye(n) for n in self.shape]
+    self.f = [np.zeros((n, n)) for n in self.shape]
+
+  def as_matrix(self, x):
+    return np.asarray(x, np.float64).reshape(self.shape)
+
+  def from_matrix(self, x):
+    return x.reshape(self.shape)
+
+  @staticmethod
+  def _mode(x, m, k):
+    return np.moveaxis(np.tensordot(m, x, axes=([1], [k])), 0, k)
+
+  def rotate_in(self, x):
+    for k, q in enumerate(self.q):
+      x = self._mode(x, q.T, k)
+    return x
+
+  def rotate_out(self, x):
+    for k, q in enumerate(self.q):
+      x = self._mode(x, q, k)
+    return x
+
+  @staticmethod
+  def _gram(g, k):
+    unfolded = np.moveaxis(g, k, 0).reshape(g.shape[k], -1)
+    return unfolded @ unfolded.T
+
+  def init_from(self, g):
+    b = self.shampoo_b
+    for k, rotated in enumerate(self.rotated):
+      if rotated:
+        self.f[k] = (1 - b) * self._gram(g, k)
+        self.q[k] = eigh_descending(self.f[k])
+
+  def update_factors(self, g):
+    b = self.shampoo_b
+    for k, rotated in enumerate(self.rotated):
+      if rotated:
+        self.f[k] = b * self.f[k] + (1 - b) * self._gram(g, k)
+
+  def refresh(self, eigen_momentum, method='power_qr'):
+    momentum_param = self.rotate_out(eigen_momentum)
+    for k, rotated in enumerate(self.rotated):
+      if rotated:
+        self.q[k] = (power_qr_refresh(self.f[k], self.q[k]) if method == 'power_qr'
+                     else eigh_descending(self.f[k]))
+    return self.rotate_in(momentum_param)
+
+
+_BASES = {'matrix': _Eigenbases, 'axes': _AxisEigenbases}
+
+
 class EvonReference:
   """EVON reference semantics (no phasing) on one leaf.
 
@@ -164,9 +231,9 @@ class EvonReference:
   def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, shampoo_b=None,
                eps=1e-10, weight_decay=1e-6, precondition_frequency=10,
                max_precond_dim=10000, precondition_1d=False, hess_clip_ratio=None,
-               whiten=True, refresh_method='power_qr'):
+               whiten=True, refresh_method='power_qr', view='matrix'):
     mean = np.asarray(mean, np.float64)
-    self.bases = _Eigenbases(
+    self.bases = _BASES[view](
         mean.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
         max_precond_dim=max_precond_dim, precondition_1d=precondition_1d)
     self.mean_matrix = self.bases.as_matrix(mean)
@@ -218,7 +285,8 @@ class EvonReference:
                   + self.wd * bases.rotate_in(self.mean_matrix)) / (self.hess + self.wd + self.eps)
     update = bases.rotate_out(update_eig)
     if self.whiten:
-      update = whiten_update(update, bases.is_matrix)
+      shape = update.shape  # whitening acts on the matrix view (rows merged)
+      update = whiten_update(update.reshape(bases.matrix_shape), bases.is_matrix).reshape(shape)
     self.mean_matrix = self.mean_matrix - self.lr * update
     bases.update_factors(g)
     if self.t % self.every == 0:
@@ -234,9 +302,9 @@ class SoapReference:
 
   def __init__(self, params, *, learning_rate, b1, b2, shampoo_b=None, eps=1e-8,
                weight_decay=0.01, precondition_frequency=10, max_precond_dim=10000,
-               precondition_1d=False):
+               precondition_1d=False, view='matrix'):
     params = np.asarray(params, np.float64)
-    self.bases = _Eigenbases(
+    self.bases = _BASES[view](
         params.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
         max_precond_dim=max_precond_dim, precondition_1d=precondition_1d)
     self.params_matrix = self.bases.as_matrix(params)

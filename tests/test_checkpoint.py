@@ -1,11 +1,12 @@
 """Checkpointing with orbax-checkpoint: save/restore params + optimizer state bit for bit, and a
 run resumed from a checkpoint at call k continues exactly as the uninterrupted run.
 
-Plain `orbax.checkpoint.StandardCheckpointer` saves typed PRNG keys itself, but refuses
-zero-size arrays ("Cannot save arrays with zero size"), which an EVON state holds (identity
-sides of factors/bases, placeholders for integer leaves); `evon_jax.checkpoint` leaves them
-out and re-creates them from the template. All comparisons are exact: a checkpoint stores
-the bits, and the resumed run executes the same compiled step on the same inputs.
+Plain `orbax.checkpoint.StandardCheckpointer` / `CheckpointManager` save the states as they
+are (typed PRNG keys included; no state holds a zero-size array). `evon_jax.checkpoint` is a
+convenience on top (waits for the save, restores into a template's shardings, and handles
+zero-size *parameters*, which orbax refuses for any optimizer). All comparisons are exact: a
+checkpoint stores the bits, and the resumed run executes the same compiled step on the same
+inputs.
 """
 
 from __future__ import annotations
@@ -101,19 +102,78 @@ def test_round_trip_is_bit_identical_and_keeps_typed_key(tmp_path):
   _assert_bit_identical(checkpoint.restore(tmp_path / "ckpt", abstract), tree)
 
 
-def test_zero_size_leaves_are_what_needs_the_helper(tmp_path):
-  """Documents why evon_jax.checkpoint exists: the state has zero-size arrays, and without
-  them plain StandardCheckpointer round-trips the rest (typed key included) exactly."""
-  tx = _tx("evon")
-  state = tx.init(_params())
-  empty = [x.shape for x in jax.tree.leaves(state) if x.size == 0]
-  assert empty, "no zero-size leaves: the helper's reason to exist is gone"
-  stripped = checkpoint.strip_empty(state)
+def _plain_tx(kind):
+  if kind == "evon":
+    return _tx("evon")
+  if kind == "evon_mc2":
+    return _tx("evon_mc2")
+  if kind == "ivon":
+    return evon_jax.ivon(0.05, ess=1e3, key=3)
+  return evon_jax.soap(0.05, precondition_frequency=3)
+
+
+def _run(tx, calls):
+  step = _step_fn(tx)
+  p, s = _params(), tx.init(_params())
+  for _ in range(calls):
+    p, s = step(p, s)
+  return p, s
+
+
+@pytest.mark.parametrize("kind", ["evon", "evon_mc2", "ivon", "soap"])
+def test_plain_orbax_round_trips_every_state(tmp_path, kind):
+  """No zero-size arrays anywhere in a state (so no wrapper is needed): orbax's own
+  StandardCheckpointer and CheckpointManager save and restore EVON, IVON and SOAP states
+  (an integer leaf and a 3-D leaf included), bit for bit, typed key included, and the
+  restored run continues exactly as the uninterrupted one."""
+  tx = _plain_tx(kind)
+  params = _params()
+  assert all(x.size > 0 for x in jax.tree.leaves(tx.init(params)))
+  p, s = _run(tx, 4)
+  tree = {"params": p, "opt_state": s}
+  abstract = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(tmp_path / "raw", stripped)
+  ckptr.save(tmp_path / "plain", tree)
   ckptr.wait_until_finished()
-  restored = ckptr.restore(tmp_path / "raw", jax.eval_shape(lambda: stripped))
-  _assert_bit_identical(checkpoint.fill_empty(restored, state), state)
+  _assert_bit_identical(ckptr.restore(tmp_path / "plain", abstract), tree)
+
+  manager = ocp.CheckpointManager(tmp_path / "managed")
+  manager.save(4, args=ocp.args.StandardSave(tree))
+  manager.wait_until_finished()
+  restored = manager.restore(4, args=ocp.args.StandardRestore(abstract))
+  _assert_bit_identical(restored, tree)
+  manager.close()
+
+  step = _step_fn(tx)
+  resumed = (restored["params"], restored["opt_state"])
+  for _ in range(3):
+    resumed = step(*resumed)
+  _assert_bit_identical(resumed, _run(tx, 7))
+
+
+def test_plain_orbax_saves_an_nnx_optimizer(tmp_path):
+  """`nnx.state(optimizer)` of an EVON nnx.Optimizer goes through plain orbax as well."""
+  from flax import nnx
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  tx = evon_jax.evon(0.05, ess=1e3, hess_init=0.5, precondition_frequency=3, key=3)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+
+  for _ in range(4):
+    step(model, optimizer)
+  state = nnx.state(optimizer)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / "nnx", state)
+  ckptr.wait_until_finished()
+  restored = ckptr.restore(tmp_path / "nnx", jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                          state))
+  _assert_bit_identical(restored, state)
 
 
 @pytest.mark.parametrize("name", list(_CONFIGS))

@@ -29,6 +29,7 @@ import pytest
 
 import evon_jax
 from evon_jax import posterior
+from evon_jax.kronecker import matrix_sides
 import numpy_reference as ref
 
 
@@ -193,11 +194,14 @@ def test_evon_with_identity_bases_is_ivon():
 
 EVON_HYPER = dict(ess=50.0, hess_init=0.5, b1=0.9, b2=0.9, shampoo_b=0.8, eps=1e-10,
                   weight_decay=1e-2, precondition_frequency=10)
+# The NumPy reference views every leaf as a matrix (a conv kernel as (9 C_in) x C_out):
+# the problems with a conv leaf keep that view through dimension numbers.
+MATRIX_VIEW = dict(dimension_numbers=evon_jax.matrix_view)
 
 
 def _assert_bases_match(impl_bases, r, what):
   """Same basis up to column signs: |diag(Q_impl^T Q_ref)| == 1."""
-  q_left, q_right = impl_bases
+  q_left, q_right = matrix_sides(impl_bases)
   for q_impl, side, q_ref in [(q_left, r.bases.left, r.bases.q_left),
                               (q_right, r.bases.right, r.bases.q_right)]:
     if not side:
@@ -212,7 +216,7 @@ def test_evon_matches_numpy_reference(whiten, hess_clip_ratio):
   loss, params = make_problem(seed=2, with_conv=True)
   lr = 0.02
   hyper = {**EVON_HYPER, 'hess_clip_ratio': hess_clip_ratio}
-  tx = evon_jax.evon(lr, whiten=whiten, key=11, **hyper)
+  tx = evon_jax.evon(lr, whiten=whiten, key=11, **hyper, **MATRIX_VIEW)
   calls = drop_in_trajectory(tx, params, loss, num_calls=26)  # 25 real steps, refresh at 10, 20
 
   # The mean may be stored in eigen coordinates: Q (Qᵀ M) costs a few ulp; a real update
@@ -309,6 +313,7 @@ def test_evon_monte_carlo_matches_numpy_reference(drop_in):
   hyper = {**EVON_HYPER, 'precondition_frequency': 5}
   loss, params = make_problem(seed=5, with_conv=True)
   tx = evon_jax.evon(lr, whiten=False, refresh_method='eigh', mc_samples=mc_samples,
+                     **MATRIX_VIEW,
                      drop_in=drop_in, key=13, **hyper)
   first_grad, steps = monte_carlo_steps(tx, params, loss, 12, mc_samples, drop_in)
   refs = {k: ref.EvonReference(v, learning_rate=lr, whiten=False, refresh_method='eigh',
@@ -342,10 +347,15 @@ def _momentum_and_bases(kind, state):
   """Eigen-coordinate momentum and the bases of an evon (EvonState) or soap (chain) state."""
   if kind == 'evon':
     inner = posterior.find_evon_state(state)
-    return inner.momentum, evon_jax.kronecker.leaf_pairs(inner.bases)
+    return inner.momentum, _sides_tree(inner.bases, inner.momentum)
   inner = state[0]
   assert isinstance(inner, evon_jax.ScaleBySoapState)
-  return inner.mu, evon_jax.kronecker.leaf_pairs(inner.bases)
+  return inner.mu, _sides_tree(inner.bases, inner.mu)
+
+
+def _sides_tree(stored_bases, like):
+  per_leaf = evon_jax.kronecker.per_leaf(stored_bases, like)
+  return {name: matrix_sides(bases) for name, bases in per_leaf.items()}
 
 
 @pytest.mark.parametrize('kind', ['evon', 'soap'])
@@ -355,10 +365,11 @@ def test_refresh_keeps_orthonormality_and_momentum(kind):
   every, b1 = 3, 0.9
   loss, params = make_problem(seed=3, with_conv=True)
   if kind == 'evon':
-    tx = evon_jax.evon(0.02, whiten=True, key=5,
+    tx = evon_jax.evon(0.02, whiten=True, key=5, **MATRIX_VIEW,
                        **{**EVON_HYPER, 'b1': b1, 'precondition_frequency': every})
   else:
-    tx = evon_jax.soap(0.02, **{**SOAP_HYPER, 'b1': b1, 'precondition_frequency': every})
+    tx = evon_jax.soap(0.02, **{**SOAP_HYPER, 'b1': b1, 'precondition_frequency': every},
+                       **MATRIX_VIEW)
   calls = drop_in_trajectory(tx, params, loss, num_calls=11, use_mean=kind == 'evon')
   for t in range(1, len(calls)):
     momentum_old, bases_old = _momentum_and_bases(kind, calls[t - 1].state)
@@ -392,7 +403,7 @@ SOAP_HYPER = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, precondition_fre
 def test_soap_matches_numpy_reference(shampoo_b):
   loss, params = make_problem(seed=4, with_conv=True)
   lr = 0.02
-  tx = evon_jax.soap(lr, shampoo_b=shampoo_b, **SOAP_HYPER)
+  tx = evon_jax.soap(lr, shampoo_b=shampoo_b, **SOAP_HYPER, **MATRIX_VIEW)
   calls = drop_in_trajectory(tx, params, loss, num_calls=26, use_mean=False)
   refs = {k: ref.SoapReference(v, learning_rate=lr, shampoo_b=shampoo_b, **SOAP_HYPER)
           for k, v in _np(params).items()}

@@ -14,7 +14,6 @@ import pytest
 
 from evon_jax import eigenbasis, kronecker, whitening
 from evon_jax._layout import leaf_layout
-from evon_jax.kronecker import KroneckerPair
 
 ATOL = 1e-5
 
@@ -39,7 +38,7 @@ def _basis(rng, rows, cols, sides):
 
 
 def _pair(left, right):
-  return KroneckerPair(None if left is None else _f32(left), None if right is None else _f32(right))
+  return (None if left is None else _f32(left), None if right is None else _f32(right))
 
 
 def _dense(q, n):
@@ -95,27 +94,27 @@ def test_factor_statistics_and_ema():
   layout = leaf_layout((5, 4), jnp.float32, max_precond_dim=100, precondition_1d=False)
   g = rng.standard_normal((5, 4))
   stats = kronecker.factor_statistics(_f32(g), layout)
-  np.testing.assert_allclose(_f64(stats.left), g @ g.T, rtol=1e-6, atol=ATOL)
-  np.testing.assert_allclose(_f64(stats.right), g.T @ g, rtol=1e-6, atol=ATOL)
+  np.testing.assert_allclose(_f64(stats[0]), g @ g.T, rtol=1e-6, atol=ATOL)
+  np.testing.assert_allclose(_f64(stats[1]), g.T @ g, rtol=1e-6, atol=ATOL)
 
   stack = rng.standard_normal((3, 5, 4))
   mean_stats = kronecker.mean_factor_statistics(_f32(stack), layout)
-  np.testing.assert_allclose(_f64(mean_stats.left),
+  np.testing.assert_allclose(_f64(mean_stats[0]),
                              np.mean([s @ s.T for s in stack], axis=0), atol=ATOL)
-  np.testing.assert_allclose(_f64(mean_stats.right),
+  np.testing.assert_allclose(_f64(mean_stats[1]),
                              np.mean([s.T @ s for s in stack], axis=0), atol=ATOL)
 
-  old = KroneckerPair(_f32(np.eye(5)), _f32(np.eye(4)))
+  old = (_f32(np.eye(5)), _f32(np.eye(4)))
   updated = kronecker.ema(old, stats, 0.9)
-  np.testing.assert_allclose(_f64(updated.left), 0.9 * np.eye(5) + 0.1 * g @ g.T, atol=ATOL)
-  np.testing.assert_allclose(_f64(updated.right), 0.9 * np.eye(4) + 0.1 * g.T @ g, atol=ATOL)
+  np.testing.assert_allclose(_f64(updated[0]), 0.9 * np.eye(5) + 0.1 * g @ g.T, atol=ATOL)
+  np.testing.assert_allclose(_f64(updated[1]), 0.9 * np.eye(4) + 0.1 * g.T @ g, atol=ATOL)
 
   # A one-sided layout (the column side is too long) keeps the identity side None.
   one_sided = leaf_layout((5, 4), jnp.float32, max_precond_dim=4, precondition_1d=False)
-  assert not one_sided.left and one_sided.right  # 5 rows > max_precond_dim = 4
+  assert not one_sided.rotated[0] and one_sided.rotated[1]  # 5 rows > max_precond_dim = 4
   stats = kronecker.factor_statistics(_f32(g), one_sided)
-  assert stats.left is None
-  np.testing.assert_allclose(_f64(stats.right), g.T @ g, atol=ATOL)
+  assert stats[0] is None
+  np.testing.assert_allclose(_f64(stats[1]), g.T @ g, atol=ATOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,31 +180,31 @@ def test_power_qr_fixed_point_is_eigenbasis():
 def test_refresh_moves_buffers_and_keeps_their_value(kind):
   rng = np.random.default_rng(6)
   old_l, old_r = _orthogonal(rng, 5), _orthogonal(rng, 4)
-  factors = KroneckerPair(_f32(_symmetric_with_spectrum(rng, [6.0, 4.0, 3.0, 2.0, 1.0])),
+  factors = (_f32(_symmetric_with_spectrum(rng, [6.0, 4.0, 3.0, 2.0, 1.0])),
                           _f32(_symmetric_with_spectrum(rng, [4.0, 2.0, 1.5, 1.0])))
   buffers = [rng.standard_normal((5, 4)) for _ in range(2)]
   basis, moved = eigenbasis.refresh(jnp.asarray(kind, jnp.int32), factors,
                                     _pair(old_l, old_r), tuple(_f32(b) for b in buffers))
-  new_l, new_r = _f64(basis.left), _f64(basis.right)
+  new_l, new_r = _f64(basis[0]), _f64(basis[1])
   np.testing.assert_allclose(new_l.T @ new_l, np.eye(5), atol=ATOL)
   np.testing.assert_allclose(new_r.T @ new_r, np.eye(4), atol=ATOL)
   assert not np.allclose(new_l, old_l, atol=1e-2)
   for b, m in zip(buffers, moved):
     np.testing.assert_allclose(new_l @ _f64(m) @ new_r.T, old_l @ b @ old_r.T, atol=ATOL)
   if kind == eigenbasis.EIGH:
-    rayleigh = new_l.T @ _f64(factors.left) @ new_l
+    rayleigh = new_l.T @ _f64(factors[0]) @ new_l
     np.testing.assert_allclose(rayleigh, np.diag([6.0, 4.0, 3.0, 2.0, 1.0]), atol=1e-4)
 
 
 def test_refresh_keep_changes_nothing():
   rng = np.random.default_rng(7)
   basis = _pair(_orthogonal(rng, 5), _orthogonal(rng, 4))
-  factors = KroneckerPair(_f32(np.eye(5)), _f32(np.eye(4)))
+  factors = (_f32(np.eye(5)), _f32(np.eye(4)))
   buffer = _f32(rng.standard_normal((5, 4)))
   new_basis, (moved,) = eigenbasis.refresh(jnp.asarray(eigenbasis.KEEP, jnp.int32), factors,
                                            basis, (buffer,))
-  np.testing.assert_array_equal(np.asarray(new_basis.left), np.asarray(basis.left))
-  np.testing.assert_array_equal(np.asarray(new_basis.right), np.asarray(basis.right))
+  np.testing.assert_array_equal(np.asarray(new_basis[0]), np.asarray(basis[0]))
+  np.testing.assert_array_equal(np.asarray(new_basis[1]), np.asarray(basis[1]))
   np.testing.assert_array_equal(np.asarray(moved), np.asarray(buffer))
 
 
@@ -218,13 +217,13 @@ def test_refresh_with_nan_factor_keeps_previous_basis(kind):
   good_right = _symmetric_with_spectrum(rng, [4.0, 2.0, 1.5, 1.0])
   buffer = rng.standard_normal((5, 4))
   basis, (moved,) = eigenbasis.refresh(
-      jnp.asarray(kind, jnp.int32), KroneckerPair(_f32(bad_left), _f32(good_right)),
+      jnp.asarray(kind, jnp.int32), (_f32(bad_left), _f32(good_right)),
       _pair(old_l, old_r), (_f32(buffer),))
   # The NaN side keeps its basis; the healthy side is refreshed; all finite.
-  np.testing.assert_allclose(_f64(basis.left), old_l, atol=1e-7)
-  assert not np.allclose(_f64(basis.right), old_r, atol=1e-2)
+  np.testing.assert_allclose(_f64(basis[0]), old_l, atol=1e-7)
+  assert not np.allclose(_f64(basis[1]), old_r, atol=1e-2)
   assert np.all(np.isfinite(_f64(moved)))
-  new_r = _f64(basis.right)
+  new_r = _f64(basis[1])
   np.testing.assert_allclose(old_l @ _f64(moved) @ new_r.T, old_l @ buffer @ old_r.T,
                              atol=ATOL)
 
@@ -232,10 +231,10 @@ def test_refresh_with_nan_factor_keeps_previous_basis(kind):
   bad_right = good_right.copy()
   bad_right[0, 0] = np.nan
   basis, (moved,) = eigenbasis.refresh(
-      jnp.asarray(kind, jnp.int32), KroneckerPair(_f32(bad_left), _f32(bad_right)),
+      jnp.asarray(kind, jnp.int32), (_f32(bad_left), _f32(bad_right)),
       _pair(old_l, old_r), (_f32(buffer),))
-  np.testing.assert_allclose(_f64(basis.left), old_l, atol=1e-7)
-  np.testing.assert_allclose(_f64(basis.right), old_r, atol=1e-7)
+  np.testing.assert_allclose(_f64(basis[0]), old_l, atol=1e-7)
+  np.testing.assert_allclose(_f64(basis[1]), old_r, atol=1e-7)
   np.testing.assert_allclose(_f64(moved), buffer, atol=ATOL)
 
 
@@ -252,9 +251,9 @@ def test_refresh_kind_schedule():
 def test_refresh_is_a_no_op_without_bases():
   buffer = _f32(np.ones((3, 1)))
   basis, (moved,) = eigenbasis.refresh(jnp.asarray(eigenbasis.EIGH, jnp.int32),
-                                       KroneckerPair(None, None), KroneckerPair(None, None),
+                                       (None, None), (None, None),
                                        (buffer,))
-  assert basis == KroneckerPair(None, None)
+  assert basis == (None, None)
   np.testing.assert_array_equal(np.asarray(moved), np.asarray(buffer))
 
 

@@ -24,7 +24,7 @@ import pytest
 import scipy.optimize
 
 from evon_jax import laplace, posterior, predictive
-from evon_jax.kronecker import leaf_pairs
+from evon_jax.kronecker import matrix_sides, per_leaf
 
 RTOL = 1e-4
 # Read-outs compiled once each (eager posterior calls dispatch many small ops).
@@ -33,6 +33,11 @@ covariance = jax.jit(posterior.covariance)
 
 # ----------------------------------------------------------------------------------------------
 # A tiny classifier and its dense float64 GGN
+
+
+def _side(bases, side):
+  """The 'left' or 'right' factor of a matrix leaf's per-axis tuple."""
+  return matrix_sides(bases)[("left", "right").index(side)]
 
 
 def mlp_apply(params, x):
@@ -117,18 +122,18 @@ def test_classifier_matches_dense_ekfac(precondition_1d, max_precond_dim):
                       prior_precision=prior_precision, batch_size=4,
                       max_precond_dim=max_precond_dim, precondition_1d=precondition_1d)
   ggn = dense_ggn(params, x)
-  covariances, factors, bases = covariance(state), leaf_pairs(state.factors), \
+  covariances, factors, bases = covariance(state), per_leaf(state.factors, state.mean), \
       posterior.bases(state)
   for name, (left, right) in SIDES[(precondition_1d, max_precond_dim)].items():
     shape = params[name].shape
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
     factor_l, factor_r, rotation, hessian = ekfac_reference(ggn[name], rows, cols, left,
                                                             right, n)
-    assert (bases[name].left is not None, bases[name].right is not None) == (left, right)
+    assert tuple(q is not None for q in matrix_sides(bases[name])) == (left, right)
     if left:
-      assert_close(factors[name].left, factor_l)
+      assert_close(matrix_sides(factors[name])[0], factor_l)
     if right:
-      assert_close(factors[name].right, factor_r)
+      assert_close(matrix_sides(factors[name])[1], factor_r)
     assert_close(np.ravel(state.hessian[name]), hessian)
     expected_cov = rotation @ np.diag(1.0 / (n * hessian + prior_precision)) @ rotation.T
     assert_close(covariances[name], expected_cov)
@@ -172,11 +177,12 @@ def test_sampled_fisher_is_unbiased_and_empirical_matches_its_definition():
     mean, var = outer_moments(name, rows, cols, probs)
     expected = mean[side].mean(0)  # the exact GGN's statistic, per example averaged
     standard_error = np.sqrt(repeats * var[side].sum(0)) / total
-    got = (leaf_pairs(sampled.factors)[name]._asdict()[side] if side != "diag"
+    got = (_side(per_leaf(sampled.factors, sampled.mean)[name], side) if side != "diag"
            else np.reshape(sampled.hessian[name], (rows, cols)))
     assert np.all(np.abs(np.asarray(got) - expected) <= 5 * standard_error + 1e-6), name
     observed, _ = outer_moments(name, rows, cols, np.eye(classes)[y])
-    got_empirical = (leaf_pairs(empirical.factors)[name]._asdict()[side] if side != "diag"
+    got_empirical = (_side(per_leaf(empirical.factors, empirical.mean)[name], side)
+                     if side != "diag"
                      else np.reshape(empirical.hessian[name], (rows, cols)))
     assert_close(got_empirical, observed[side].mean(0))
     # Sanity: with labels not drawn from the model the empirical Fisher is another matrix.
@@ -364,7 +370,7 @@ def test_frozen_int_leaf_and_bias_with_sampled_predictive(frozen_fit):
   params, x, y, state = frozen_fit
   means = posterior.mean(state)
   assert means["step"].dtype == jnp.int32 and int(means["step"]) == 7
-  assert posterior.bases(state)["b1"].left is not None  # 1-D leaf rotated (precondition_1d)
+  assert matrix_sides(posterior.bases(state)["b1"])[0] is not None  # 1-D leaf rotated (precondition_1d)
   for name in ("w1", "b1", "w2", "b2"):
     np.testing.assert_allclose(means[name], params[name], atol=1e-5)
   probs = jax.jit(lambda s: predictive.bayesian_model_average(

@@ -27,6 +27,7 @@ import scipy.optimize
 import scipy.stats
 
 from evon_jax import laplace, metrics, posterior, predictive
+from evon_jax.kronecker import matrix_sides
 
 D_IN, HIDDEN, CLASSES, N_TRAIN = 3, 4, 3, 12
 PRIOR_PRECISION = 1.0
@@ -181,8 +182,8 @@ def test_mlp_bases_diagonalise_the_kronecker_factors():
   bases = posterior.bases(state)
   for name in ("w1", "w2"):
     g = _as_matrices(grads[name])
-    q_left = np.asarray(bases[name].left, np.float64)
-    q_right = np.asarray(bases[name].right, np.float64)
+    q_left = np.asarray(matrix_sides(bases[name])[0], np.float64)
+    q_right = np.asarray(matrix_sides(bases[name])[1], np.float64)
     for q, factor in ((q_left, np.einsum("sij,skj->ik", g, g) / N_TRAIN),
                       (q_right, np.einsum("sji,sjk->ik", g, g) / N_TRAIN)):
       rotated = q.T @ factor @ q
@@ -193,7 +194,7 @@ def test_mlp_bases_diagonalise_the_kronecker_factors():
     expected = np.diag(k.T @ flat.T @ flat @ k).reshape(g.shape[1:]) / N_TRAIN
     np.testing.assert_allclose(state.hessian[name], expected, rtol=1e-4,
                                atol=1e-6 * expected.max(), err_msg=name)
-  assert bases["b1"].left is None and bases["b1"].right is None
+  assert matrix_sides(bases["b1"]) == (None, None)
 
 
 # ----------------------------------------------------------------------------------------------

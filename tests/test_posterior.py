@@ -2,7 +2,7 @@
 
 Every check reads the raw ingredients out of an optimizer state — the mean M° in eigen
 coordinates (`state.mean`), the eigenbasis Hessian H (`state.hessian`), the bases
-`KroneckerPair(Q_L, Q_R)` (`None` = identity), `state.ess` and `state.weight_decay` — and
+per-axis tuples (Q_L, Q_R) (`None` = identity), `state.ess` and `state.weight_decay` — and
 rebuilds the posterior W = Q_L (M° + E) Q_Rᵀ, E_ij ~ N(0, V_ij), V = 1 / (ess (H + δ)) in
 NumPy float64, never from the library's own posterior outputs.
 
@@ -27,8 +27,10 @@ from evon_jax import posterior
 
 FLOAT32_RTOL = 1e-5
 NAMES = ("w", "k", "v", "s")  # trainable leaves; "n" is an int leaf that passes through
+# The NumPy reference below rebuilds each leaf's matrix view: the (2, 2, 3) leaf keeps it.
 EVON_HYPER = dict(ess=30.0, hess_init=0.2, b1=0.9, b2=0.8, shampoo_b=0.9, weight_decay=1e-2,
-                  precondition_frequency=4, precondition_1d=True)
+                  precondition_frequency=4, precondition_1d=True,
+                  dimension_numbers=evon_jax.matrix_view)
 IVON_HYPER = dict(ess=30.0, hess_init=0.2, b1=0.9, b2=0.8, weight_decay=1e-2)
 
 
@@ -93,6 +95,12 @@ def _f64(x):
   return np.asarray(x, np.float64)
 
 
+def _sides(basis):
+  """(Q_L, Q_R) of a matrix view from the per-axis tuple (a vector has only Q_L)."""
+  basis = tuple(basis) + (None, None)
+  return basis[0], basis[1]
+
+
 def _matrix_shape(shape):
   """(rows, cols) of a leaf's matrix view: last dim as columns; vectors are columns."""
   if len(shape) >= 2:
@@ -107,8 +115,9 @@ class Leaf:
     self.shape = tuple(state.mean[name].shape)
     rows, cols = _matrix_shape(self.shape)
     basis = posterior.bases(state)[name]
-    self.q_left = np.eye(rows) if basis.left is None else _f64(basis.left)
-    self.q_right = np.eye(cols) if basis.right is None else _f64(basis.right)
+    left, right = _sides(basis)
+    self.q_left = np.eye(rows) if left is None else _f64(left)
+    self.q_right = np.eye(cols) if right is None else _f64(right)
     self.mean_eigen = _f64(state.mean[name]).reshape(rows, cols)
     hessian = _f64(state.hessian[name]).reshape(rows, cols)
     self.variance = 1.0 / (float(state.ess) * (hessian + float(state.weight_decay)))
@@ -162,8 +171,8 @@ def evon_state(problem):
   # Guard: the test is only meaningful when the posterior is far from isotropic.
   for name in ("w", "k", "v"):
     basis = posterior.bases(state)[name]
-    assert basis.left is not None
-    assert not np.allclose(_f64(basis.left), np.eye(basis.left.shape[0]), atol=0.1)
+    assert _sides(basis)[0] is not None
+    assert not np.allclose(_f64(_sides(basis)[0]), np.eye(_sides(basis)[0].shape[0]), atol=0.1)
   h = _f64(state.hessian["w"])
   assert h.max() / h.min() > 1.5, h
   return state
@@ -194,10 +203,10 @@ def test_mean_is_rotated_eigen_mean(evon_state, problem):
 
 def test_bases_are_orthonormal_and_returned(evon_state):
   bases = posterior.bases(evon_state)
-  assert bases["w"].left.shape == (5, 5) and bases["w"].right.shape == (4, 4)
-  assert bases["k"].left.shape == (4, 4) and bases["k"].right.shape == (3, 3)
-  assert bases["v"].left.shape == (6, 6) and bases["v"].right is None
-  assert bases["s"] == evon_jax.KroneckerPair(None, None)
+  assert _sides(bases["w"])[0].shape == (5, 5) and _sides(bases["w"])[1].shape == (4, 4)
+  assert _sides(bases["k"])[0].shape == (4, 4) and _sides(bases["k"])[1].shape == (3, 3)
+  assert _sides(bases["v"])[0].shape == (6, 6) and _sides(bases["v"])[1] is None
+  assert bases["s"] == ()
   for name in ("w", "k", "v"):
     for q in bases[name]:
       if q is None:
@@ -273,12 +282,11 @@ def test_one_sided_basis_state():
   state = evon_jax.evon(0.1, ess=7.0, hess_init=1.0, weight_decay=0.05,
                         max_precond_dim=4).init(params)
   bases = posterior.bases(state)
-  assert bases["w"].left is None and bases["w"].right.shape == (4, 4)
+  assert _sides(bases["w"])[0] is None and _sides(bases["w"])[1].shape == (4, 4)
   q_right, _ = np.linalg.qr(rng.standard_normal((4, 4)))
   state = state._replace(
-      bases=evon_jax.KroneckerPair(
-          left=state.bases.left,
-          right={"w": jnp.asarray(q_right, jnp.float32), "b": state.bases.right["b"]}),
+      bases=(state.bases[0],
+             {"w": jnp.asarray(q_right, jnp.float32), "b": state.bases[1]["b"]}),
       hessian={"w": jnp.asarray(rng.uniform(0.1, 3.0, (5, 4)), jnp.float32),
                "b": jnp.asarray(rng.uniform(0.1, 3.0, 3), jnp.float32)},
       mean={"w": jnp.asarray(rng.standard_normal((5, 4)), jnp.float32),
@@ -411,9 +419,9 @@ def test_posterior_functions_under_jit(evon_state):
 
 
 def test_ivon_posterior_is_diagonal(ivon_state):
-  assert all(b == evon_jax.KroneckerPair(None, None)
+  assert all(b == ()
              for b in jax.tree.leaves(posterior.bases(ivon_state),
-                                      is_leaf=lambda x: isinstance(x, evon_jax.KroneckerPair)))
+                                      is_leaf=lambda x: isinstance(x, tuple)))
   ess, wd = float(ivon_state.ess), float(ivon_state.weight_decay)
   stddev = posterior.marginal_stddev(ivon_state)
   mean = posterior.mean(ivon_state)
@@ -461,7 +469,7 @@ def _check_all_functions(state, inner, names):
                              rtol=FLOAT32_RTOL, atol=1e-4)
   samples = posterior.sample(jax.random.key(0), state, num_samples=4)
   assert samples["w"].shape == (4, 5, 4)
-  assert posterior.bases(state)["w"].left.shape == (5, 5)
+  assert _sides(posterior.bases(state)["w"])[0].shape == (5, 5)
 
 
 # Each wrapper, with the path to its inner state (to swap in the trained EVON state: this

@@ -38,9 +38,9 @@ def test_stacked_evon_matches_reference_per_block(whiten):
   tx = evon_jax.evon(lr, whiten=whiten, key=4, stacked_dims=1, **EVON_HYPER)
   calls = drop_in_trajectory(tx, params, loss, num_calls=24)  # refreshes at steps 10, 20
   state = calls[-1].state
-  assert state.bases.left["w"].shape == (BLOCKS, 3, 3)
-  assert state.bases.right["w"].shape == (BLOCKS, 4, 4)
-  assert state.factors.left["b"].size == 0  # 1-D blocks: no basis without precondition_1d
+  assert state.bases[0]["w"].shape == (BLOCKS, 3, 3)
+  assert state.bases[1]["w"].shape == (BLOCKS, 4, 4)
+  assert state.factors[0]["b"].ndim == 1  # 1-D blocks: no basis without precondition_1d
 
   start = _np(params)
   refs = {(name, l): ref.EvonReference(start[name][l], learning_rate=lr, whiten=whiten,
@@ -93,7 +93,7 @@ def test_stacked_posterior_readouts_are_block_diagonal():
   v = np.asarray(posterior.variance_eigen(state)["w"], np.float64)
   q = posterior.bases(state)["w"]
   for l in range(BLOCKS):
-    rotation = np.kron(np.asarray(q.left[l], np.float64), np.asarray(q.right[l], np.float64))
+    rotation = np.kron(np.asarray(q[0][l], np.float64), np.asarray(q[1][l], np.float64))
     expected = rotation @ np.diag(v[l].ravel()) @ rotation.T
     np.testing.assert_allclose(cov[12 * l:12 * (l + 1), 12 * l:12 * (l + 1)], expected,
                                rtol=1e-4, atol=1e-9)
