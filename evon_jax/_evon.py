@@ -728,8 +728,14 @@ def _check_tree(what: str, tree, reference, compare_shapes: bool = False):
               if missing or unexpected else
               f"expected structure {jax.tree.structure(reference)}, got "
               f"{jax.tree.structure(tree)}")
+    hint = ""
+    if missing and jax.tree.structure(tree, is_leaf=lambda x: x is None).num_leaves == len(
+        expected):
+      hint = (" A None gradient (e.g. of a frozen leaf) is not a gradient: keep such leaves "
+              "out with optax.masked / optax.partition, or give them zeros "
+              "(optax.set_to_zero on that group).")
     raise ValueError(f"The {what} tree does not match the parameter tree the optimizer was "
-                     f"initialised with: {detail}.")
+                     f"initialised with: {detail}.{hint}")
   if compare_shapes:
     for name, leaf, ref in zip(_leaf_names(reference), jax.tree.leaves(tree),
                                jax.tree.leaves(reference)):

@@ -169,7 +169,8 @@ def from_view(x, layout: LeafLayout):
   return jnp.reshape(x, layout.shape)
 
 
-def _per_leaf_value(option, path, leaf, name):
+def _per_leaf_value(option, path, leaf):
+  """An option given for every leaf, or a callable `(path, leaf) -> value` read per leaf."""
   return option(path, leaf) if callable(option) else option
 
 
@@ -182,7 +183,11 @@ def tree_layouts(tree, *, max_precond_dim: int, precondition_1d: bool,
   layouts = []
   for path, leaf in with_paths:
     name = jax.tree_util.keystr(path) or "<root>"
-    groups = _per_leaf_value(dimension_numbers, path, leaf, "dimension_numbers")
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+      raise ValueError(f"Leaf {name} is complex ({jnp.result_type(leaf)}): evon_jax's "
+                       "Gaussian posteriors and Kronecker factors are real; split it into "
+                       "real and imaginary parameters.")
+    groups = _per_leaf_value(dimension_numbers, path, leaf)
     layouts.append(leaf_layout(
         jnp.shape(leaf), jnp.result_type(leaf), max_precond_dim=max_precond_dim,
         precondition_1d=precondition_1d, use_bases=use_bases,
@@ -196,7 +201,7 @@ def stacked_dims_of(path, leaf, stacked_dims) -> int:
   callable `(path, leaf) -> int` (path as in `jax.tree_util.tree_flatten_with_path`)."""
   if stacked_dims is None:
     return 0
-  value = _per_leaf_value(stacked_dims, path, leaf, "stacked_dims")
+  value = _per_leaf_value(stacked_dims, path, leaf)
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
     raise ValueError(f"stacked_dims must give a non-negative int per leaf, got {value!r} "
                      f"for {jax.tree_util.keystr(path)}.")

@@ -1,6 +1,5 @@
 """User-facing EVON and IVON optimizers (both built on the one engine in `_evon.py`)."""
 
-from __future__ import annotations
 
 import math
 from typing import Optional
@@ -91,7 +90,7 @@ def evon(
   The posterior of a matrix leaf is ``W = M + Q_L E Q_Rᵀ`` with ``E_ij ~ N(0, V_ij)``,
   ``V = 1 / (ess (H + weight_decay))``: a non-diagonal Gaussian stored with SOAP's memory.
   A leaf with more dims gets one factor and basis per dim, ``W = M + E ×₁ Q₁ ×₂ Q₂ …``.
-  Each real step (ALGORITHM.md): rotate the gradient in, ``ĥ = E ⊙ G° / V`` (Price),
+  Each real step (docs/algorithm.md): rotate the gradient in, ``ĥ = E ⊙ G° / V`` (Price),
   ``Ḡ ← b1 Ḡ + (1-b1) G°``, IVON's positive Hessian update, ``M ← M - lr Q_L U Q_Rᵀ`` with
   ``U = (Ḡ/(1-b1ᵗ) + δ M°) / (H + δ + eps)`` (Newton–Schulz whitened when ``whiten``),
   Kronecker-factor EMAs of the gradient, and a power-iteration + QR basis refresh every

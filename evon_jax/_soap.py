@@ -6,7 +6,6 @@ formulation keeps), so a step costs three product pairs: rotate in, factor stati
 rotate out.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import functools

@@ -44,6 +44,12 @@ def check_beta(name, value):
 def check_learning_rate(value):
   if callable(value):
     return
+  is_number = isinstance(value, (numbers.Real, np.number)) and not isinstance(value, bool)
+  is_array = isinstance(value, (np.ndarray, jax.Array))
+  if not (is_number or is_array):
+    raise ValueError("learning_rate must be a number, a scalar array or an optax schedule "
+                     f"(a callable step -> rate), got {value!r} of type "
+                     f"{type(value).__name__}.")
   check_non_negative("learning_rate", value)
 
 

@@ -40,7 +40,7 @@ BMA_SAMPLES = 32
 # 5e-4..1e-2 all give 97.5-98.5% accuracy; weight_decay matters most for NLL and ECE).
 # ess = number of training examples, as the loss is a minibatch mean. With whitening each
 # matrix update is orthogonalised, so lr is a step length per singular direction; the cosine
-# decay lets the mean settle (ALGORITHM.md, remedy 1). weight_decay is the prior precision
+# decay lets the mean settle (docs/algorithm.md, option 1 under "Exactness"). weight_decay is the prior precision
 # per example: prior N(0, 1/(ess·δ)) ≈ N(0, 0.86²) per weight.
 EVON_LR = 0.1
 EVON_HESS_INIT = 0.3

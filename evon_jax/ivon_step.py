@@ -1,7 +1,7 @@
 """IVON's update of a diagonal Gaussian, written for any orthonormal coordinate system.
 
 EVON applies these elementwise in the Kronecker eigenbasis; IVON is the identity-basis case.
-All arrays here are in the same (eigen) coordinates. Notation (ALGORITHM.md):
+All arrays here are in the same (eigen) coordinates. Notation (docs/algorithm.md):
   V = 1 / (ess (H + delta))   posterior variance, z the standard normal draw, E = sqrt(V) z.
 """
 

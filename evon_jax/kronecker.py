@@ -194,11 +194,6 @@ def stored_axes(slots: Sequence[jax.Array]) -> tuple[tuple[int, ...], AxisBases,
   return tuple(sizes), tuple(bases), (dense[0].ndim - 2 if dense else 0)
 
 
-def tree_of_bases(stored: tuple, treedef, layouts: Sequence[LeafLayout]):
-  """A params-shaped tree whose leaves are the per-leaf AxisBases tuples."""
-  return treedef.unflatten(storage_to_bases(stored, treedef, layouts))
-
-
 def stored_layout(mean: jax.Array, slots: Sequence[jax.Array]) -> LeafLayout:
   """A leaf's layout read back from its stored mean (its shape) and axis slots.
 

@@ -128,3 +128,38 @@ def test_gradients_of_a_different_tree_raise(name):
   state = tx.init(params)
   with pytest.raises(ValueError):
     tx.update({'w': jnp.zeros((2, 3))}, state, params)
+
+
+@pytest.mark.parametrize('name', _BAYESIAN + ('soap',))
+@pytest.mark.parametrize('value', ['1e-3', None, [1e-3]])
+def test_learning_rate_that_is_not_a_number_raises_at_construction(name, value):
+  with pytest.raises(ValueError, match='learning_rate must be a number'):
+    _FACTORIES[name](learning_rate=value)
+  _FACTORIES[name](learning_rate=np.float32(1e-3))  # numbers and scalar arrays are fine
+  _FACTORIES[name](learning_rate=jnp.asarray(1e-3))
+
+
+@pytest.mark.parametrize('name', list(_FACTORIES))
+def test_complex_parameters_raise_naming_the_leaf(name):
+  tx = _FACTORIES[name]()
+  with pytest.raises(ValueError, match=r"Leaf \['c'\] is complex"):
+    tx.init({'w': jnp.zeros((2, 3)), 'c': jnp.zeros(3, jnp.complex64)})
+
+
+@pytest.mark.parametrize('name', _BAYESIAN)
+def test_none_gradient_of_a_frozen_leaf_points_to_masking(name):
+  tx = _FACTORIES[name]()
+  params = {'w': jnp.zeros((2, 3)), 'frozen': jnp.zeros(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"\['frozen'\].*optax.masked"):
+    tx.update({'w': jnp.zeros((2, 3)), 'frozen': None}, state, params)
+
+
+@pytest.mark.parametrize('factory', [evon_jax.evon, evon_jax.ivon, evon_jax.soap])
+def test_learning_rate_annotation_is_resolvable(factory):
+  """optax's own tests introspect `learning_rate`'s annotation to see schedule support: it
+  must be the type itself, not a string (no `from __future__ import annotations`)."""
+  import inspect
+  import optax
+  annotation = inspect.signature(factory).parameters['learning_rate'].annotation
+  assert annotation == optax.ScalarOrSchedule
