@@ -671,7 +671,9 @@ def split_hyperparams(hp: NamedTuple) -> tuple[tuple, tuple]:
 
 
 def join_hyperparams(kind, static: tuple, traced: tuple):
-  return kind(*(s if t is None else t for s, t in zip(static, traced)))
+  """The hyperparameters `split_hyperparams` split, as `kind` (a NamedTuple or `tuple`)."""
+  values = [s if t is None else t for s, t in zip(static, traced)]
+  return tuple(values) if kind is tuple else kind(*values)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "static_hp"))

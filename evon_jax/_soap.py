@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from evon_jax import eigenbasis
-from evon_jax._evon import split_hyperparams
+from evon_jax._evon import join_hyperparams, split_hyperparams
 from evon_jax._gating import ema_coefficients, scale_if
 from evon_jax._layout import LeafLayout, as_view, from_view, state_dtype, tree_layouts
 from evon_jax.kronecker import (
@@ -85,7 +85,7 @@ def _compiled_soap_update(updates, state, traced_hp, *, config, static_hp):
   """One `scale_by_soap` call, compiled once per (settings, static hyperparameters, shapes)
   module-wide, so an eager or `inject_hyperparams` loop compiles nothing after its first
   call (see `_evon._compiled_update`)."""
-  b1, b2, factor_decay, eps = (s if t is None else t for s, t in zip(static_hp, traced_hp))
+  b1, b2, factor_decay, eps = join_hyperparams(tuple, static_hp, traced_hp)
   treedef = jax.tree.structure(state.mu)
   layouts = config.layouts(treedef.unflatten(treedef.flatten_up_to(updates)))
   outs, mus, nus, factors, bases = [], [], [], [], []

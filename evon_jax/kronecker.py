@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from evon_jax._layout import LeafLayout
+from evon_jax._layout import LeafLayout, elementwise_layout
 
 _EXACT = jax.lax.Precision.HIGHEST
 
@@ -179,8 +179,8 @@ def storage_to_bases(stored: tuple, treedef, layouts: Sequence[LeafLayout]) -> l
           for i, layout in enumerate(layouts)]
 
 
-def stored_axes(slots: Sequence[jax.Array]) -> tuple[tuple[int, ...], AxisBases, int]:
-  """Reads one leaf's (axis sizes, bases, stacked dims) from its stored slots.
+def stored_axes(slots: Sequence[jax.Array]) -> tuple[tuple[int, ...], AxisBases]:
+  """Reads one leaf's (axis sizes, bases) from its stored slots.
 
   Dense slots are bases (their leading dims are the stacked dims), 1-D slots identity axes
   of their length; trailing axes of size one are dropped (they do not change the view).
@@ -190,8 +190,7 @@ def stored_axes(slots: Sequence[jax.Array]) -> tuple[tuple[int, ...], AxisBases,
   while sizes and sizes[-1] == 1 and bases[-1] is None:
     sizes.pop()
     bases.pop()
-  dense = [b for b in bases if b is not None]
-  return tuple(sizes), tuple(bases), (dense[0].ndim - 2 if dense else 0)
+  return tuple(sizes), tuple(bases)
 
 
 def stored_layout(mean: jax.Array, slots: Sequence[jax.Array]) -> LeafLayout:
@@ -200,9 +199,8 @@ def stored_layout(mean: jax.Array, slots: Sequence[jax.Array]) -> LeafLayout:
   A leaf without a dense slot has no rotation, so its view does not matter: it is read as
   elementwise (the noise, drawn by flat index, is the same either way).
   """
-  from evon_jax._layout import elementwise_layout
   shape, dtype = tuple(mean.shape), mean.dtype
-  sizes, bases, _ = stored_axes(slots)
+  sizes, bases = stored_axes(slots)
   dense = [b for b in bases if b is not None]
   if not dense:
     return elementwise_layout(shape, dtype)
