@@ -1,7 +1,9 @@
 """evon_jax: structured weight uncertainty (SOAP-Bubbles) as optax transformations.
 
 Optimizers: `evon` (IVON in SOAP's eigenbasis), `ivon` (diagonal), `soap` (deterministic
-baseline) and the `scale_by_soap` piece. `evon_jax.posterior` reads the posterior out of an
+baseline) and the `scale_by_soap` piece. The four composable pieces they are made of
+(`evon_jax.transforms`, docs/composition.md): `kronecker_factor_ema`, `eigenbasis_refresh`,
+`eigenspace_ivon` / `eigenspace_adam` and `inject_noise`. `evon_jax.posterior` reads the posterior out of an
 optimizer state; `training_samples` serves explicit (mean-in-the-loop) training.
 
 Other structured posteriors, for comparison and for models trained without EVON:
@@ -19,6 +21,9 @@ from evon_jax._optimizers import evon, ivon
 from evon_jax import laplace, lowrank, meanfield, viking  # noqa: E402  (after the optimizers)
 from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
 from evon_jax._layout import matrix_view
+from evon_jax import transforms
+from evon_jax.transforms import (
+    eigenbasis_refresh, eigenspace_adam, eigenspace_ivon, inject_noise, kronecker_factor_ema)
 
 # Arguments that fix shapes or branches: pass them as `static_args` to optax.inject_hyperparams
 # (e.g. `optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)`).
@@ -34,7 +39,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EvonState", "IVON_STATIC_ARGS", "SOAP_STATIC_ARGS", "SampleStatistics",
     "ScaleBySoapState", "STATIC_ARGS", "checkpoint", "metrics", "noise", "predictive",
-    "eigenbasis", "evon", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "matrix_view",
+    "eigenbasis", "eigenbasis_refresh", "eigenspace_adam", "eigenspace_ivon", "evon",
+    "inject_noise", "kronecker_factor_ema", "transforms", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "matrix_view",
     "meanfield",
     "posterior", "scale_by_soap", "viking",
     "soap", "training_samples", "whitening",

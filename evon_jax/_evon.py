@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from evon_jax import eigenbasis, ivon_step, noise, whitening
 from evon_jax._gating import ema_coefficients, scale_if
 from evon_jax._layout import (
     LeafLayout, as_view, from_view, state_dtype, tree_layouts)
+from evon_jax.transforms._common import (
+    all_finite, as_typed_key as _as_typed_key, check_tree as _check_tree,
+    frozen_placeholder as _frozen_placeholder, join_hyperparams, leaf_names as _leaf_names,
+    replica_mean as _replica_mean, sample_seeds as _sample_seeds, split_hyperparams,
+    widest_float as _widest_float, zero_unless as _zero_unless)
 from evon_jax.kronecker import (
     AxisBases, bases_to_storage, empty_bases, ema, factor_statistics, mean_factor_statistics,
     num_slots, rotate_in, rotate_out, storage_to_bases, stored_layouts_of)
@@ -160,10 +163,6 @@ def _noise_on(count, config: EvonConfig):
   return noisy
 
 
-def _sample_seeds(key, num_samples: int, first=0) -> list[jax.Array]:
-  """Noise seeds of samples first … first+num_samples-1 of a key; every leaf draws its own
-  stream from them."""
-  return [noise.stream_seeds(jax.random.fold_in(key, first + s)) for s in range(num_samples)]
 
 
 def _standard_normal(seeds, leaf_index, layout: LeafLayout, dtype):
@@ -285,16 +284,8 @@ class _Leaf(NamedTuple):
   basis: AxisBases
 
 
-def _frozen_placeholder(dtype=jnp.float32):
-  """The momentum / Hessian entry of an integer or empty leaf: one scalar (not a zero-size
-  array, which orbax refuses to save)."""
-  return jnp.zeros((), dtype)
 
 
-def _widest_float():
-  """float64 under jax_enable_x64, else float32: ess and δ as the update used them (the
-  posterior read-outs take them from the state)."""
-  return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 
@@ -408,14 +399,6 @@ def _init_state(params, config: EvonConfig, hp: EvonHyperparams, key) -> EvonSta
       **_pack(views, leaves, treedef, layouts, config))
 
 
-def _as_typed_key(key):
-  """An int seed, a typed key, or legacy uint32 key data -> a typed PRNG key."""
-  key = jnp.asarray(key)
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if key.dtype == jnp.uint32 and key.shape == (2,):
-    return jax.random.wrap_key_data(key)
-  return jax.random.key(key)
 
 
 # ----------------------------------------------------------------------------- update
@@ -498,37 +481,10 @@ def _call_statistics(grads, params, state, views, layouts, config, hp, finite):
       factor_outer=_zero_unless(finite, st.factor_outer)) for st in stats]
 
 
-def _zero_unless(finite, tree):
-  return jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros((), x.dtype)), tree)
 
 
-def _varying_axes(x) -> frozenset:
-  """The mapped axes a value varies over, as `shard_map`'s type check tracks them."""
-  aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-  return frozenset(vma)
 
 
-def _replica_mean(tree, axis_name):
-  """Averages the per-replica statistics over `axis_name`.
-
-  Under `shard_map`'s type check (check_vma, the default) a value already equal on all
-  replicas is left alone: autodiff has already reduced the gradient of replicated params
-  (it is the gradient of whatever global loss the user wrote, e.g. a `pmean` of the local
-  losses). Values that still vary — gradients of each replica's own loss, under `pmap` or
-  `check_vma=False` — are averaged, as the optimizer's statistics of the global batch.
-  """
-  names = frozenset(axis_name if isinstance(axis_name, tuple) else (axis_name,))
-  checked = bool(names & _varying_axes(jax.lax.axis_index(axis_name)))
-
-  def mean(x):
-    if checked and not names & _varying_axes(x):
-      return x
-    return jax.lax.pmean(x, axis_name)
-
-  return jax.tree.map(mean, tree)
 
 
 def _accumulate(stats, state, treedef, layouts, config, finite):
@@ -604,14 +560,6 @@ def _next_parameters(views, layouts, params, key, noise_scale, config, hp, treed
   return treedef.unflatten(updates)
 
 
-def _all_finite(grads, config: EvonConfig) -> jax.Array:
-  """Whether every floating gradient is finite (on every replica, under `axis_name`)."""
-  leaves = [jnp.asarray(g) for g in jax.tree.leaves(grads)]
-  checks = [jnp.all(jnp.isfinite(g)) for g in leaves if jnp.issubdtype(g.dtype, jnp.inexact)]
-  finite = jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
-  if config.axis_name is not None:  # replicas must agree, or their states would drift apart
-    finite = jax.lax.pmin(finite.astype(jnp.int32), config.axis_name) > 0
-  return finite
 
 
 def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperparams):
@@ -622,7 +570,7 @@ def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperpa
   frozen_means = treedef.flatten_up_to(state.mean)
   layouts = config.layouts(state.mean)
   views = _unpack(state, treedef, layouts)
-  finite = _all_finite(grads, config)
+  finite = all_finite(grads, config.axis_name)
   stats = _call_statistics(grads, params, state, views, layouts, config, hp, finite)
 
   accumulator = None
@@ -655,25 +603,10 @@ def _update(grads, state: EvonState, params, config: EvonConfig, hp: EvonHyperpa
   return updates, new_state
 
 
-def _is_static(value) -> bool:
-  """Python numbers, callables (schedules) and None are compile-time constants of the update;
-  arrays (e.g. from `optax.inject_hyperparams`) are traced, so new values do not recompile."""
-  if value is None or callable(value):
-    return True
-  return isinstance(value, numbers.Number) and not isinstance(value, (jax.Array, np.ndarray))
 
 
-def split_hyperparams(hp: NamedTuple) -> tuple[tuple, tuple]:
-  """(static, traced) halves of a hyperparameter tuple; `join_hyperparams` undoes it."""
-  static = tuple(v if _is_static(v) else None for v in hp)
-  traced = tuple(None if _is_static(v) else v for v in hp)
-  return static, traced
 
 
-def join_hyperparams(kind, static: tuple, traced: tuple):
-  """The hyperparameters `split_hyperparams` split, as `kind` (a NamedTuple or `tuple`)."""
-  values = [s if t is None else t for s, t in zip(static, traced)]
-  return tuple(values) if kind is tuple else kind(*values)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "static_hp"))
@@ -714,36 +647,8 @@ def evon_transformation(config: EvonConfig, hp: EvonHyperparams, key) -> (
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _leaf_names(tree) -> list[str]:
-  """Readable paths of a tree's leaves, e.g. "['layer']['kernel']"."""
-  return [jax.tree_util.keystr(path) or "<root>"
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _check_tree(what: str, tree, reference, compare_shapes: bool = False):
-  """A clear error when `tree` is not shaped like the params the optimizer was built for."""
-  if jax.tree.structure(tree) != jax.tree.structure(reference):
-    given, expected = _leaf_names(tree), _leaf_names(reference)
-    missing = [n for n in expected if n not in given]
-    unexpected = [n for n in given if n not in expected]
-    detail = (f"missing leaves {missing}, unexpected leaves {unexpected}"
-              if missing or unexpected else
-              f"expected structure {jax.tree.structure(reference)}, got "
-              f"{jax.tree.structure(tree)}")
-    hint = ""
-    if missing and jax.tree.structure(tree, is_leaf=lambda x: x is None).num_leaves == len(
-        expected):
-      hint = (" A None gradient (e.g. of a frozen leaf) is not a gradient: keep such leaves "
-              "out with optax.masked / optax.partition, or give them zeros "
-              "(optax.set_to_zero on that group).")
-    raise ValueError(f"The {what} tree does not match the parameter tree the optimizer was "
-                     f"initialised with: {detail}.{hint}")
-  if compare_shapes:
-    for name, leaf, ref in zip(_leaf_names(reference), jax.tree.leaves(tree),
-                               jax.tree.leaves(reference)):
-      if tuple(jnp.shape(leaf)) != tuple(ref.shape):
-        raise ValueError(f"Leaf {name}: {what} shape {tuple(jnp.shape(leaf))} does not match "
-                         f"the shape {tuple(ref.shape)} the optimizer was initialised with.")
 
 
 def stored_layouts(state: EvonState) -> list[LeafLayout]:
@@ -763,8 +668,11 @@ def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   With `replica_noise='independent'`, call it inside the mapped computation and pass the
   optimizer's `axis_name`, so each replica draws (and `update` regenerates) its own noise.
   """
-  from evon_jax._state_search import find_state  # local import: avoids a cycle at load
-  state = find_state(opt_state, EvonState)
+  from evon_jax import transforms  # local imports: avoid a cycle at load
+  from evon_jax._state_search import find_state
+  state = find_state(opt_state, (EvonState, transforms.InjectNoiseState))
+  if isinstance(state, transforms.InjectNoiseState):  # a composition of the pieces
+    return transforms.training_samples(state, num_samples, axis_name=axis_name)
   treedef = jax.tree.structure(state.mean)
   means = treedef.flatten_up_to(state.mean)
   layouts = stored_layouts(state)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from evon_jax import eigenbasis
-from evon_jax._evon import join_hyperparams, split_hyperparams
+from evon_jax.transforms._common import join_hyperparams, split_hyperparams
 from evon_jax._gating import ema_coefficients, scale_if
 from evon_jax._layout import LeafLayout, as_view, from_view, state_dtype, tree_layouts
 from evon_jax.kronecker import (

@@ -6,7 +6,8 @@ import jax
 
 
 def find_state(opt_state, state_type, what: str = "EVON/IVON"):
-  """Returns the single `state_type` node inside an arbitrary optax state pytree."""
+  """Returns the single `state_type` node (a type or a tuple of types) inside an arbitrary
+  optax state pytree (the outermost match: a composition's nested states count once)."""
   if isinstance(opt_state, state_type):
     return opt_state
   found = [

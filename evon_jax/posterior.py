@@ -33,8 +33,39 @@ __all__ = [
 
 
 def find_evon_state(opt_state) -> EvonState:
-  """The EVON/IVON state inside any optax state pytree."""
-  return find_state(opt_state, EvonState)
+  """The EVON/IVON state inside any optax state pytree, as an `EvonState`.
+
+  A composition of the pieces (`evon_jax.transforms`: inject_noise, eigenbasis_refresh,
+  eigenspace_ivon) is read through the same fields: its posterior is the eigenspace IVON
+  state's, in the refresh's bases.
+  """
+  from evon_jax import transforms  # local import: the pieces import this module's neighbours
+  node = find_state(opt_state, (EvonState, transforms.InjectNoiseState,
+                                transforms.EigenbasisRefreshState,
+                                transforms.EigenspaceIvonState))
+  return node if isinstance(node, EvonState) else _composed_as_evon_state(node)
+
+
+def _composed_as_evon_state(node) -> EvonState:
+  """The fields of an `EvonState` read from a composition's nested states."""
+  from evon_jax import transforms
+  from evon_jax.transforms._common import as_typed_key
+  noise = node if isinstance(node, transforms.InjectNoiseState) else None
+  inner = node.inner if noise is not None else node
+  refresh = inner if isinstance(inner, transforms.EigenbasisRefreshState) else None
+  ivon = refresh.inner if refresh is not None else inner
+  if not isinstance(ivon, transforms.EigenspaceIvonState):
+    raise ValueError(f"The composition's innermost piece ({type(ivon).__name__}) keeps no "
+                     "posterior; eigenspace_ivon does.")
+  return EvonState(
+      count=ivon.count if noise is None else noise.count,
+      skipped=jnp.zeros([], jnp.int32) if noise is None else noise.skipped,
+      key=as_typed_key(0) if noise is None else noise.key,
+      sample_noise=jnp.zeros([], jnp.float32) if noise is None else noise.sample_noise,
+      mean=ivon.mean, momentum=ivon.momentum, hessian=ivon.hessian,
+      factors=() if refresh is None else refresh.factors.factors,
+      bases=() if refresh is None else refresh.bases,
+      ess=ivon.ess, weight_decay=ivon.weight_decay, accumulator=None)
 
 
 def _per_leaf(state: EvonState):

@@ -109,6 +109,12 @@ def _plain_tx(kind):
     return _tx("evon_mc2")
   if kind == "ivon":
     return evon_jax.ivon(0.05, ess=1e3, key=3)
+  if kind == "composed_evon_mc2":  # the pieces: nested states, typed keys of the pending step
+    return evon_jax.inject_noise(
+        evon_jax.eigenbasis_refresh(
+            evon_jax.eigenspace_ivon(0.05, ess=1e3, hess_init=1.0),
+            factors=evon_jax.kronecker_factor_ema(0.99), precondition_frequency=3),
+        key=5, mc_samples=2)
   return evon_jax.soap(0.05, precondition_frequency=3)
 
 
@@ -120,7 +126,7 @@ def _run(tx, calls):
   return p, s
 
 
-@pytest.mark.parametrize("kind", ["evon", "evon_mc2", "ivon", "soap"])
+@pytest.mark.parametrize("kind", ["evon", "evon_mc2", "ivon", "soap", "composed_evon_mc2"])
 def test_plain_orbax_round_trips_every_state(tmp_path, kind):
   """No zero-size arrays anywhere in a state (so no wrapper is needed): orbax's own
   StandardCheckpointer and CheckpointManager save and restore EVON, IVON and SOAP states

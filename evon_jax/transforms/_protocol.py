@@ -1,0 +1,235 @@
+"""How the pieces talk to each other.
+
+A piece is described by a *spec*: a frozen, hashable dataclass of its static settings (with
+`None` where a hyperparameter is an array, e.g. under `optax.inject_hyperparams`) plus the
+spec of the piece it wraps. `transformation(spec, traced)` turns it into an optax
+transformation whose `update` runs one module-wide compiled function keyed on the spec, so
+rebuilding a composition (a notebook cell, `inject_hyperparams`) never recompiles.
+
+Inside a composition the pieces call each other's `apply` directly (one trace, one compiled
+program) and exchange a `Message` in place of the gradient tree: per-leaf records in the
+leaf's Kronecker view, plus the call's gates and the layouts. Given a plain gradient tree
+instead, a piece makes the message itself (`plain_message`), so every piece also works on its
+own in an ordinary optax chain.
+
+Records, top to bottom:
+  SampledGradients  inject_noise -> eigenbasis_refresh: per-sample gradients in parameter
+                    coordinates, the normal draws z (eigen coordinates) and the sampled points.
+  EigenGradients    eigenbasis_refresh -> eigenspace_ivon / eigenspace_adam: the gradients
+                    rotated into the eigenbasis, with the same draws.
+Back up, every piece returns its update (the move of the mean, or SOAP's direction) in the
+coordinates it was handed: eigen coordinates below the refresh, parameter space above it.
+The noise-injecting wrapper reads the posterior from its inner state (`posterior_records`),
+the one place the next sample is drawn (`draw`).
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from evon_jax._layout import LeafLayout, as_view, from_view, state_dtype
+from evon_jax.kronecker import AxisBases, rotate_out
+
+
+class Gates(NamedTuple):
+  """Scalars that shape one call of every piece.
+
+  Attributes:
+    active: the call is a step (gradients finite and, for drop-in Monte Carlo, the step's
+      last sample). An inactive call leaves every state bit-identical.
+    first: the first call of the composition: it only initialises factors and bases.
+    noisy: the step's samples carry noise, so the Hessian may move (off on the first call
+      and in the clean phases of `phasing`).
+    factors_free: the factors may take this step's statistics even when no refresh is due
+      (False in noisy phases under `phasing`, where only a due refresh updates them).
+  """
+
+  active: jax.Array
+  first: jax.Array
+  noisy: jax.Array
+  factors_free: jax.Array
+
+
+class SampledGradients(NamedTuple):
+  """Per leaf, parameter coordinates; leading axis: the step's k samples. `inject_noise`
+  hands them over in each leaf's own shape (a message without layouts); the piece below
+  views them in its Kronecker layout."""
+
+  grads: jax.Array
+  normals: jax.Array   # z_s in eigen coordinates, already zero where the sample is the mean
+  thetas: jax.Array    # the points the gradients were taken at
+
+
+class EigenGradients(NamedTuple):
+  """Per leaf, Kronecker view, eigen coordinates; leading axis: the step's k samples."""
+
+  grads: jax.Array     # Q_Lᵀ G_s Q_R, or its mode-product form
+  normals: jax.Array
+
+
+class Message(NamedTuple):
+  """What a piece hands the piece it wraps, in place of a gradient tree.
+
+  Attributes:
+    leaves: per leaf a record, or None for a frozen (integer or empty) leaf.
+    gates: the call's `Gates`.
+    layouts: per leaf its `LeafLayout` (static).
+    replica_axis: when replicas evaluate samples of their own, the axis name over which
+      each piece averages the statistics it forms; else None.
+  """
+
+  leaves: list
+  gates: Gates
+  layouts: tuple
+  replica_axis: Any = None
+
+
+class EigenPosterior(NamedTuple):
+  """One leaf's Gaussian in eigen coordinates, as `posterior_records` reads it from a state."""
+
+  mean: jax.Array      # parameter-shaped
+  std: jax.Array       # parameter-shaped: 1/sqrt(ess (H + δ))
+  bases: AxisBases     # () without bases
+  layout: LeafLayout
+
+
+def plain_gates(first=False) -> Gates:
+  on = jnp.asarray(True)
+  return Gates(active=on, first=jnp.asarray(first), noisy=jnp.asarray(False), factors_free=on)
+
+
+def plain_message(grads, layouts: Sequence[LeafLayout], dtypes: Sequence,
+                  gates: Optional[Gates] = None) -> Message:
+  """A gradient tree as a one-sample message: no noise, the gradient's own point unknown
+  (thetas zero: only `factor_gradient='regularized'` reads them, through inject_noise)."""
+  leaves = []
+  for grad, layout, dtype in zip(jax.tree.leaves(grads), layouts, dtypes):
+    if not layout.trainable:
+      leaves.append(None)
+      continue
+    stack = as_view(jnp.asarray(grad), layout).astype(dtype)[None]
+    leaves.append(SampledGradients(stack, jnp.zeros_like(stack), jnp.zeros_like(stack)))
+  return Message(leaves, gates if gates is not None else plain_gates(), tuple(layouts))
+
+
+def draw(record: EigenPosterior, normals, noise_scale, precision="highest"):
+  """The one sampler: Q (M° + scale · sqrt(V) ⊙ z) Qᵀ, in parameter shape.
+
+  `normals` (the leaf's own shape, or with a leading sample axis) are standard normal draws
+  in eigen coordinates, or None for the mean; `noise_scale` is 0 or 1.
+  """
+  if normals is None:  # the mean
+    view = jnp.reshape(record.mean, record.layout.view_shape)
+    return jnp.reshape(rotate_out(view, record.bases, precision), record.mean.shape)
+  mean, std = record.mean, noise_scale * record.std
+  stacked = normals.ndim > mean.ndim
+  if stacked:
+    mean, std = mean[None], std[None]
+  eigen = mean + std * normals
+  view = jnp.reshape(eigen, eigen.shape[:1] * stacked + record.layout.view_shape)
+  return jnp.reshape(rotate_out(view, record.bases, precision), eigen.shape)
+
+
+def as_message(updates, params, layouts_of, dtypes_of):
+  """The message a piece works on, in its Kronecker views, and whether it came as a plain
+  gradient tree. A message without layouts (from `inject_noise`, whose records are in the
+  leaves' own shapes) is viewed with `layouts_of(params)`."""
+  reference = updates if params is None else params
+  if not isinstance(updates, Message):
+    layouts = layouts_of(reference)
+    return plain_message(updates, layouts, dtypes_of(reference, layouts)), True
+  if updates.layouts is not None:
+    return updates, False
+  layouts = tuple(layouts_of(reference))
+  viewed = [None if record is None else type(record)(*(
+      jnp.reshape(x, x.shape[:1] + layout.view_shape) for x in record))
+      for record, layout in zip(updates.leaves, layouts)]
+  return updates._replace(leaves=viewed, layouts=layouts), False
+
+
+def outputs(values, updates, layouts, plain):
+  """Per-leaf outputs (view shape, None for frozen) as the caller expects them: a message's
+  list, or a tree like the gradients for a plain call."""
+  if not plain:
+    return values
+  treedef = jax.tree.structure(updates)
+  grads = treedef.flatten_up_to(updates)
+  return treedef.unflatten([
+      jnp.zeros_like(g) if v is None else from_view(v, l).astype(jnp.result_type(g))
+      for v, l, g in zip(values, layouts, grads)])
+
+
+def leaf_dtypes(tree, layouts, requested):
+  return [state_dtype(jnp.result_type(leaf), requested) for leaf in jax.tree.leaves(tree)]
+
+
+def fields(state, names, treedef):
+  return [treedef.flatten_up_to(getattr(state, name)) for name in names]
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A piece's static description. Subclasses define `init` and `apply`."""
+
+  def init(self, params, traced, layouts=None):
+    raise NotImplementedError
+
+  def apply(self, updates, state, params, traced):
+    raise NotImplementedError
+
+  def without_updates(self) -> "Spec":
+    """This spec for a caller that reads the state, not the updates (so a refresh may move
+    its buffers in place); the default changes nothing."""
+    return self
+
+  @property
+  def axis_name(self):
+    return None
+
+
+class PieceTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transformation that also carries its spec and traced hyperparameters, so that
+  another piece can wrap it (`inject_noise(eigenbasis_refresh(...))`)."""
+
+
+def spec_of(transformation, who: str):
+  """The (spec, traced) of an evon_jax piece; a clear error for anything else."""
+  spec = getattr(transformation, "spec", None)
+  if spec is None:
+    raise TypeError(
+        f"{who} wraps an evon_jax piece (eigenspace_ivon, eigenspace_adam, "
+        f"eigenbasis_refresh, ...), got {type(transformation).__name__}. Generic optax "
+        "transforms go before (e.g. clipping) or around (masked, partition) the composition.")
+  return spec, transformation.traced
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _compiled_apply(updates, state, params, traced, *, spec):
+  """A piece's `apply`, compiled once per (spec, shapes) module-wide; inlined under a user's
+  `jit`."""
+  return spec.apply(updates, state, params, traced)
+
+
+def transformation(spec: Spec, traced) -> PieceTransformation:
+  """The optax transformation of a spec (traced: its array hyperparameters, nested like the
+  specs)."""
+
+  def init_fn(params):
+    return spec.init(params, traced)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if spec.axis_name is not None:  # collectives need the caller's mapped axis: no jit
+      return spec.apply(updates, state, params, traced)
+    return _compiled_apply(updates, state, params, traced, spec=spec)
+
+  piece = PieceTransformation(init_fn, update_fn)
+  piece.spec, piece.traced = spec, traced
+  return piece

@@ -1,0 +1,327 @@
+"""The diagonal methods in eigen coordinates: IVON (a Gaussian posterior) and Adam.
+
+Given the gradients rotated into an eigenbasis (by `eigenbasis_refresh`), or plain gradients
+(identity basis), each keeps its buffers in those coordinates and returns the move of its
+mean (IVON) or its direction (Adam) in the same coordinates. `eigen_fields` names the state
+buffers whose parameter-space value must survive a change of basis (the refresh re-expresses
+them); the second moments (H, nu) stay in place, as SOAP does.
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from evon_jax import ivon_step, whitening
+from evon_jax._gating import ema_coefficients, scale_if
+from evon_jax._layout import as_view, elementwise_layout, from_view, state_dtype, tree_layouts
+from evon_jax.transforms import _protocol as protocol
+from evon_jax.transforms._common import (
+    frozen_placeholder, join_hyperparams, replica_mean, split_hyperparams, widest_float,
+    zero_unless)
+
+
+def _diagonal_layouts(tree):
+  """Without a refresh around it a diagonal method sees each leaf as itself (the matrix view
+  of whitening merges all dims but the last)."""
+  return tree_layouts(tree, max_precond_dim=0, precondition_1d=False, use_bases=False)
+
+
+# ----------------------------------------------------------------------------- IVON
+
+
+class IvonHyperparams(NamedTuple):
+  learning_rate: Any
+  ess: Any
+  hess_init: Any
+  b1: Any
+  b2: Any
+  eps: Any
+  weight_decay: Any
+  hess_clip_ratio: Any
+  clip_radius: Any
+
+
+class EigenspaceIvonState(NamedTuple):
+  """State of `eigenspace_ivon`: a diagonal Gaussian in the coordinates it is handed.
+
+  Attributes:
+    count: steps taken (the mean moved).
+    mean: posterior mean M° (parameter shapes; a frozen leaf keeps its value).
+    momentum: gradient momentum Ḡ.
+    hessian: diagonal Hessian estimate H.
+    ess: effective sample size of the last call (read by the posterior).
+    weight_decay: prior precision per example δ of the last call.
+  """
+
+  count: jax.Array
+  mean: Any
+  momentum: Any
+  hessian: Any
+  ess: jax.Array
+  weight_decay: jax.Array
+
+  def mean_tree(self):
+    """The posterior mean in eigen coordinates (frozen leaves: their values)."""
+    return self.mean
+
+  def posterior_records(self) -> list:
+    """Per leaf its Gaussian (identity bases), or None for a frozen leaf."""
+    treedef = jax.tree.structure(self.mean)
+    records = []
+    for mean, hessian in zip(treedef.flatten_up_to(self.mean),
+                             treedef.flatten_up_to(self.hessian)):
+      layout = elementwise_layout(mean.shape, mean.dtype)
+      if not layout.trainable:
+        records.append(None)
+        continue
+      std = ivon_step.posterior_std(hessian, self.ess.astype(hessian.dtype),
+                                    self.weight_decay.astype(hessian.dtype))
+      records.append(protocol.EigenPosterior(mean, std, (), layout))
+    return records
+
+
+# The buffers `eigenbasis_refresh` re-expresses when the basis changes (a NamedTuple cannot
+# declare a class attribute in its body).
+EigenspaceIvonState.eigen_fields = ("momentum", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class IvonSpec(protocol.Spec):
+  static_hp: tuple
+  whiten: bool = False
+  rescale_lr: bool = False
+  clip_hessian: bool = False
+  clip_update: bool = False
+  dtype: Any = None
+  momentum_dtype: Any = None
+
+  def hyperparams(self, traced) -> IvonHyperparams:
+    return join_hyperparams(IvonHyperparams, self.static_hp, traced)
+
+  def init(self, params, traced, layouts=None):
+    hp = self.hyperparams(traced)
+    leaves, treedef = jax.tree.flatten(params)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    layouts = layouts or _diagonal_layouts(treedef.unflatten(leaves))
+    means, momenta, hessians = [], [], []
+    for leaf, layout in zip(leaves, layouts):
+      dtype = state_dtype(leaf.dtype, self.dtype)
+      if not layout.trainable:
+        means.append(leaf)
+        momenta.append(frozen_placeholder(dtype))
+        hessians.append(frozen_placeholder(dtype))
+        continue
+      # A copy: a mean that aliased the params buffer would break buffer donation.
+      means.append(jnp.array(leaf, dtype=dtype, copy=True))
+      momenta.append(jnp.zeros(leaf.shape, self.momentum_dtype or dtype))
+      hessians.append(jnp.full(leaf.shape, hp.hess_init, dtype))
+    return EigenspaceIvonState(
+        count=jnp.zeros([], jnp.int32), mean=treedef.unflatten(means),
+        momentum=treedef.unflatten(momenta), hessian=treedef.unflatten(hessians),
+        ess=jnp.asarray(hp.ess, widest_float()),
+        weight_decay=jnp.asarray(hp.weight_decay, widest_float()))
+
+  def _learning_rate(self, hp, t):
+    lr = hp.learning_rate(t - 1) if callable(hp.learning_rate) else hp.learning_rate
+    if self.rescale_lr:
+      lr = lr * (hp.hess_init + hp.weight_decay)
+    return lr
+
+  def _leaf(self, record, mean, momentum, hessian, layout, hp, gates, lr, t, replica_axis):
+    """One leaf's IVON step; every buffer gated by scalar coefficients (see `_gating`)."""
+    grad = jnp.mean(record.grads, axis=0)
+    normal_times_grad = jnp.mean(record.normals * record.grads, axis=0)
+    grad, normal_times_grad = zero_unless(
+        gates.active, replica_mean((grad, normal_times_grad), replica_axis))
+    moments_on = gates.active & ~gates.first
+    b1_keep, b1_take = ema_coefficients(hp.b1, moments_on)
+    b2_keep, b2_take = ema_coefficients(hp.b2, moments_on & gates.noisy)
+    estimate = ivon_step.price_hessian_estimate(
+        normal_times_grad, hessian, hp.ess, hp.weight_decay)
+    if self.clip_hessian:
+      estimate = ivon_step.clip_hessian_estimate(estimate, hessian, hp.hess_clip_ratio, hp.eps)
+    new_hessian = ivon_step.ivon_hessian_update(
+        hessian, estimate, b2_keep, hp.weight_decay, one_minus_b2=b2_take)
+    new_momentum = b1_keep * momentum + b1_take * grad
+    direction = ivon_step.ivon_direction(
+        new_momentum, 1 - hp.b1 ** t, mean, new_hessian, hp.weight_decay, hp.eps)
+    if self.clip_update:
+      direction = jnp.clip(direction, -hp.clip_radius, hp.clip_radius)
+    if self.whiten:
+      direction = whitening.whiten(direction, layout)
+    new_mean = (mean - scale_if(lr, moments_on) * direction).astype(mean.dtype)
+    return (new_mean - mean, new_mean, new_momentum.astype(momentum.dtype),
+            new_hessian.astype(hessian.dtype))
+
+  def apply(self, updates, state, params, traced):
+    hp = self.hyperparams(traced)
+    message, plain = protocol.as_message(
+        updates, params, _diagonal_layouts,
+        lambda tree, layouts: protocol.leaf_dtypes(tree, layouts, self.dtype))
+    treedef = jax.tree.structure(state.mean)
+    gates = message.gates
+    t = state.count + 1
+    lr = self._learning_rate(hp, t)
+    outs, means, momenta, hessians = [], [], [], []
+    for record, layout, mean, momentum, hessian in zip(
+        message.leaves, message.layouts, *protocol.fields(state, ("mean", "momentum", "hessian"),
+                                                  treedef)):
+      if record is None:
+        outs.append(None), means.append(mean), momenta.append(momentum)
+        hessians.append(hessian)
+        continue
+      view = lambda x: as_view(x, layout)
+      move, mean, momentum, hessian = self._leaf(
+          record, view(mean), view(momentum), view(hessian), layout, hp, gates, lr, t,
+          message.replica_axis)
+      outs.append(move)
+      means.append(from_view(mean, layout)), momenta.append(from_view(momentum, layout))
+      hessians.append(from_view(hessian, layout))
+    moved = gates.active & ~gates.first
+    new_state = EigenspaceIvonState(
+        count=state.count + moved.astype(state.count.dtype), mean=treedef.unflatten(means),
+        momentum=treedef.unflatten(momenta), hessian=treedef.unflatten(hessians),
+        ess=jnp.asarray(hp.ess, widest_float()),
+        weight_decay=jnp.asarray(hp.weight_decay, widest_float()))
+    return protocol.outputs(outs, updates, message.layouts, plain), new_state
+
+
+def eigenspace_ivon(
+    learning_rate,
+    *,
+    ess,
+    hess_init,
+    b1: float = 0.95,
+    b2: float = 0.9999,
+    eps: float = 1e-10,
+    weight_decay: float = 1e-6,
+    hess_clip_ratio=None,
+    clip_radius: float = float("inf"),
+    whiten: bool = False,
+    rescale_lr: bool = False,
+    dtype=None,
+    momentum_dtype=None,
+) -> protocol.PieceTransformation:
+  r"""IVON's update of a diagonal Gaussian, in whatever coordinates it is handed.
+
+  Per coordinate, with the gradients G_s of the step's samples and their draws z_s:
+  ``ĥ = mean_s(z_s G_s) sqrt(ess (H+δ))`` (Price), ``Ḡ ← b1 Ḡ + (1-b1) mean_s G_s``,
+  ``H ← b2 H + (1-b2) ĥ + ½(1-b2)²(H-ĥ)²/(H+δ)``,
+  ``M ← M - lr (Ḡ/(1-b1ᵗ) + δ M)/(H + δ + eps)`` (the direction clipped to ``clip_radius``,
+  Newton–Schulz whitened per leaf when ``whiten``). The posterior is
+  ``N(M, 1/(ess (H + δ)))``. The first call of a composition (gates.first) and calls whose
+  samples carry no noise leave H alone.
+
+  Inside `eigenbasis_refresh` the coordinates are the eigenbasis (EVON); inside
+  `inject_noise` alone they are the parameters' own (IVON). Used on its own, with plain
+  gradients, it is a noise-free natural-gradient step at the mean (H stays at ``hess_init``).
+
+  Args:
+    learning_rate: a float or a schedule ``step -> lr`` (step counts from 0).
+    ess: effective sample size (the training-set size for a tempered-free posterior).
+    hess_init: initial H.
+    b1, b2: momentum and Hessian decay.
+    eps: added to the denominator of the direction.
+    weight_decay: δ, the prior precision per example.
+    hess_clip_ratio: if set, ĥ is clipped to ±ratio (H + eps).
+    clip_radius: elementwise clipping of the direction (inf: none).
+    whiten: Newton–Schulz-whiten the direction of matrix leaves (L2 for vectors).
+    rescale_lr: multiply the learning rate by ``hess_init + weight_decay`` (IVON's convention).
+    dtype, momentum_dtype: dtypes of the statistics and of the momentum (see `evon`).
+
+  Returns:
+    An optax transformation (`PieceTransformation`) whose update is the move of the mean.
+  """
+  hp = IvonHyperparams(learning_rate, ess, hess_init, b1, b2, eps, weight_decay,
+                       hess_clip_ratio, clip_radius)
+  static_hp, traced_hp = split_hyperparams(hp)
+  clip_update = not (isinstance(clip_radius, (int, float)) and clip_radius == float("inf"))
+  spec = IvonSpec(static_hp, whiten=bool(whiten), rescale_lr=bool(rescale_lr),
+                  clip_hessian=hess_clip_ratio is not None, clip_update=clip_update,
+                  dtype=dtype, momentum_dtype=momentum_dtype)
+  return protocol.transformation(spec, traced_hp)
+
+
+# ----------------------------------------------------------------------------- Adam
+
+
+class AdamHyperparams(NamedTuple):
+  b1: Any
+  b2: Any
+  eps: Any
+
+
+class EigenspaceAdamState(NamedTuple):
+  """State of `eigenspace_adam`.
+
+  Attributes:
+    count: steps taken.
+    mu: first moment (in the coordinates the piece is handed).
+    nu: second moment (left in place when the basis changes, as SOAP does).
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+EigenspaceAdamState.eigen_fields = ("mu",)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamSpec(protocol.Spec):
+  static_hp: tuple
+  dtype: Any = None
+
+  def init(self, params, traced, layouts=None):
+    leaves, treedef = jax.tree.flatten(params)
+    layouts = layouts or _diagonal_layouts(params)
+    zeros = [jnp.zeros(layout.shape if layout.trainable else (),
+                       state_dtype(jnp.result_type(leaf), self.dtype))
+             for leaf, layout in zip(leaves, layouts)]
+    return EigenspaceAdamState(jnp.zeros([], jnp.int32), treedef.unflatten(zeros),
+                               treedef.unflatten(zeros))
+
+  def apply(self, updates, state, params, traced):
+    b1, b2, eps = join_hyperparams(tuple, self.static_hp, traced)
+    message, plain = protocol.as_message(
+        updates, params, _diagonal_layouts,
+        lambda tree, layouts: protocol.leaf_dtypes(tree, layouts, self.dtype))
+    gates = message.gates
+    moves = gates.active & ~gates.first
+    b1_keep, b1_take = ema_coefficients(b1, moves)
+    b2_keep, b2_take = ema_coefficients(b2, moves)
+    t = state.count + 1
+    scale = scale_if(jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t), moves)
+    treedef = jax.tree.structure(state.mu)
+    outs, mus, nus = [], [], []
+    for record, layout, mu, nu in zip(message.leaves, message.layouts,
+                                      *protocol.fields(state, ("mu", "nu"), treedef)):
+      if record is None:
+        outs.append(None), mus.append(mu), nus.append(nu)
+        continue
+      grad = replica_mean(jnp.mean(record.grads, axis=0), message.replica_axis)
+      mu_view, nu_view = as_view(mu, layout), as_view(nu, layout)
+      new_mu = (b1_keep * mu_view + b1_take * grad).astype(mu.dtype)
+      new_nu = (b2_keep * nu_view + b2_take * grad * grad).astype(nu.dtype)
+      # On the first call mu = nu = 0: the +1 keeps 0 / 0 out even with eps = 0.
+      outs.append(scale * new_mu / (jnp.sqrt(new_nu) + eps + gates.first.astype(nu.dtype)))
+      mus.append(from_view(new_mu, layout)), nus.append(from_view(new_nu, layout))
+    new_state = EigenspaceAdamState(state.count + moves.astype(state.count.dtype),
+                                    treedef.unflatten(mus), treedef.unflatten(nus))
+    return protocol.outputs(outs, updates, message.layouts, plain), new_state
+
+
+def eigenspace_adam(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, *,
+                    dtype=None) -> protocol.PieceTransformation:
+  r"""Adam in whatever coordinates it is handed (SOAP inside `eigenbasis_refresh`).
+
+  ``mu ← b1 mu + (1-b1) G``, ``nu ← b2 nu + (1-b2) G²``, and the direction
+  ``√(1-b2ᵗ)/(1-b1ᵗ) · mu / (√nu + eps)`` (eps added to the uncorrected √nu, as SOAP does).
+  The first call of a composition only initialises (a zero direction). Chain a learning
+  rate after it (`optax.scale_by_learning_rate`).
+  """
+  static_hp, traced_hp = split_hyperparams(AdamHyperparams(b1, b2, eps))
+  return protocol.transformation(AdamSpec(static_hp, dtype=dtype), traced_hp)
