@@ -126,7 +126,7 @@ def load(dataset: str, seed: int, max_train: int | None):
 def _posterior_floats(state) -> int:
   """Floats an EVON/IVON/Laplace posterior needs: mean, H and the bases of rotated axes."""
   bases = evon_jax.posterior.bases(state)  # identity axes are None: nothing stored
-  state = evon_jax.posterior.find_evon_state(state)
+  state = evon_jax.posterior.bubble(state)
   return sum(_num_entries(tree) for tree in (state.mean, state.hessian, bases))
 
 

@@ -7,7 +7,7 @@ baseline) and the `scale_by_soap` piece. The four composable pieces they are mad
 optimizer state; `training_samples` serves explicit (mean-in-the-loop) training.
 
 Other structured posteriors, for comparison and for models trained without EVON:
-`laplace` (post-hoc SOAP-Bubble Laplace from any trained model; returns an `EvonState`),
+`laplace` (post-hoc SOAP-Bubble Laplace from any trained model; returns a `SoapBubble`),
 `lowrank` (layers W = A Bᵀ, so a posterior on the factors lives on the rank-r manifold),
 `meanfield` (Bayes-by-backprop mean-field VI on any pytree) and `viking` (a Gaussian split
 by the kernel and image of the network Jacobian).
@@ -16,7 +16,9 @@ by the kernel and image of the network Jacobian).
 from evon_jax import (
     checkpoint, eigenbasis, ivon_step, kronecker, metrics, noise, posterior, predictive,
     whitening)
-from evon_jax._evon import EvonState, SampleStatistics, training_samples
+from evon_jax.bubble import SoapBubble
+from evon_jax.transforms import InjectNoiseState as EvonState  # the state of evon and ivon
+from evon_jax.transforms import training_samples
 from evon_jax._optimizers import evon, ivon
 from evon_jax import laplace, lowrank, meanfield, viking  # noqa: E402  (after the optimizers)
 from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
@@ -37,7 +39,7 @@ SOAP_STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "stacked_dims",
 __version__ = "0.1.0"
 
 __all__ = [
-    "EvonState", "IVON_STATIC_ARGS", "SOAP_STATIC_ARGS", "SampleStatistics",
+    "EvonState", "IVON_STATIC_ARGS", "SOAP_STATIC_ARGS", "SoapBubble",
     "ScaleBySoapState", "STATIC_ARGS", "checkpoint", "metrics", "noise", "predictive",
     "eigenbasis", "eigenbasis_refresh", "eigenspace_adam", "eigenspace_ivon", "evon",
     "inject_noise", "kronecker_factor_ema", "transforms", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "matrix_view",

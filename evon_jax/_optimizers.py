@@ -1,4 +1,5 @@
-"""User-facing EVON and IVON optimizers (both built on the one engine in `_evon.py`)."""
+"""User-facing EVON and IVON optimizers: validated compositions of the pieces in
+`evon_jax.transforms` (docs/composition.md)."""
 
 
 import math
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from evon_jax import _validation as check
-from evon_jax._evon import EvonConfig, EvonHyperparams, evon_transformation
+from evon_jax.transforms import (
+    eigenbasis_refresh, eigenspace_ivon, inject_noise, kronecker_factor_ema)
 
 
 def _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
@@ -200,22 +202,24 @@ def evon(
   _check_replicas(axis_name, replica_noise)
   check.check_stacked_dims(stacked_dims)
   check.check_dimension_numbers(dimension_numbers, merge_dims)
-  config = EvonConfig(
-      use_bases=True, precondition_frequency=precondition_frequency,
-      max_precond_dim=max_precond_dim, precondition_1d=precondition_1d, whiten=whiten,
-      phasing=phasing, mc_samples=mc_samples, drop_in=drop_in,
-      refresh_method=refresh_method, factor_gradient=factor_gradient,
-      factor_statistic=factor_statistic, stagger_refresh=stagger_refresh, rescale_lr=False,
-      clip_hessian=hess_clip_ratio is not None, clip_update=not _is_infinite(clip_radius),
-      dtype=dtype, momentum_dtype=_dtype_or_none(momentum_dtype),
-      rotation_precision=rotation_precision, axis_name=axis_name,
-      replica_noise=replica_noise, stacked_dims=stacked_dims,
-      dimension_numbers=dimension_numbers, merge_dims=bool(merge_dims))
-  hp = EvonHyperparams(
-      learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2,
-      shampoo_b=b2 if shampoo_b is None else shampoo_b, eps=eps, weight_decay=weight_decay,
-      hess_clip_ratio=hess_clip_ratio, clip_radius=clip_radius)
-  return evon_transformation(config, hp, key)
+  regularization = weight_decay if factor_gradient == "regularized" else 0.0
+  return inject_noise(
+      eigenbasis_refresh(
+          eigenspace_ivon(
+              learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, eps=eps,
+              weight_decay=weight_decay, hess_clip_ratio=hess_clip_ratio,
+              clip_radius=clip_radius, whiten=whiten, dtype=dtype,
+              momentum_dtype=_dtype_or_none(momentum_dtype)),
+          factors=kronecker_factor_ema(b2 if shampoo_b is None else shampoo_b,
+                                       statistic=factor_statistic,
+                                       regularization=regularization, dtype=dtype),
+          precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+          precondition_1d=precondition_1d, refresh_method=refresh_method,
+          stagger_refresh=stagger_refresh, stacked_dims=stacked_dims,
+          dimension_numbers=dimension_numbers, merge_dims=merge_dims, dtype=dtype,
+          rotation_precision=rotation_precision),
+      key=key, mc_samples=mc_samples, drop_in=drop_in, phasing=phasing, axis_name=axis_name,
+      replica_noise=replica_noise)
 
 
 def ivon(
@@ -258,12 +262,10 @@ def ivon(
   _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
                 clip_radius)
   _check_replicas(axis_name, replica_noise)
-  config = EvonConfig(
-      use_bases=False, whiten=False, phasing=False, mc_samples=mc_samples, drop_in=drop_in,
-      rescale_lr=rescale_lr, clip_update=not _is_infinite(clip_radius), dtype=dtype,
-      momentum_dtype=_dtype_or_none(momentum_dtype), axis_name=axis_name,
+  return inject_noise(
+      eigenspace_ivon(
+          learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, eps=0.0,
+          weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
+          dtype=dtype, momentum_dtype=_dtype_or_none(momentum_dtype)),
+      key=key, mc_samples=mc_samples, drop_in=drop_in, axis_name=axis_name,
       replica_noise=replica_noise)
-  hp = EvonHyperparams(
-      learning_rate=learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, shampoo_b=b2,
-      eps=0.0, weight_decay=weight_decay, hess_clip_ratio=None, clip_radius=clip_radius)
-  return evon_transformation(config, hp, key)

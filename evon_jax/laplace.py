@@ -19,7 +19,7 @@ module approximates the GGN block by its eigenvalue-corrected Kronecker factoris
 
 The posterior precision in eigen coordinates is then ``N Ĥ + λ = N (Ĥ + λ/N)``, which is the
 EVON posterior ``V = 1 / (ess (H + δ))`` with ``ess = N``, ``H = Ĥ`` and ``δ = λ / N``. `fit`
-therefore returns an `evon_jax.EvonState`, and every read-out (`evon_jax.posterior`,
+therefore returns an `evon_jax.SoapBubble`, and every read-out (`evon_jax.posterior`,
 `evon_jax.predictive`) works on it unchanged. `log_marginal_likelihood` and
 `tune_prior_precision` choose λ by the Laplace evidence or by a validation NLL.
 
@@ -54,7 +54,8 @@ import numpy as np
 
 from evon_jax import _validation as check
 from evon_jax import eigenbasis, posterior, predictive
-from evon_jax._evon import EvonState, stored_layouts
+from evon_jax.bubble import SoapBubble
+from evon_jax.posterior import stored_layouts
 from evon_jax._layout import as_view, from_view, tree_layouts
 from evon_jax._optimizers import evon
 from evon_jax.kronecker import bases_to_storage, mean_factor_statistics, rotate_in
@@ -231,7 +232,7 @@ def fit(
     precondition_1d: bool = False,
     stacked_dims=None,
     dimension_numbers=None,
-) -> EvonState:
+) -> SoapBubble:
   r"""EK-FAC linearised Laplace posterior ``N(θ̂, (N Ĥ + λ)⁻¹)`` at trained ``params``.
 
   Two passes over ``data`` (see the module docstring): Kronecker factors and eigenbases of the
@@ -266,7 +267,7 @@ def fit(
       `evon_jax.evon` (sides without one get the diagonal GGN).
 
   Returns:
-    An `evon_jax.EvonState` holding the Laplace posterior.
+    An `evon_jax.SoapBubble` holding the Laplace posterior.
   """
   check.check_choice("likelihood", likelihood, _LIKELIHOODS)
   check.check_choice("fisher", fisher, _FISHERS)
@@ -280,11 +281,11 @@ def fit(
     num_data = n
   check.check_positive("num_data", num_data)
   # The template fixes layouts, dtypes and storage exactly as EVON's own init does.
-  template = jax.jit(evon(  # one compilation instead of many small eager ones
+  template = jax.jit(lambda p: posterior.bubble(evon(  # one compilation, not many eager
       0.0, ess=float(num_data), hess_init=1.0,
       weight_decay=float(prior_precision) / float(num_data), max_precond_dim=max_precond_dim,
       precondition_1d=precondition_1d, stacked_dims=stacked_dims,
-      dimension_numbers=dimension_numbers).init)(params)
+      dimension_numbers=dimension_numbers).init(p)))(params)
   _check_outputs(apply_fn, params, inputs, targets, likelihood, batch_size)
   leaves, treedef = jax.tree.flatten(params)
   layouts = tree_layouts(params, max_precond_dim=max_precond_dim,
@@ -341,7 +342,7 @@ def fit(
 
 
 def _laplace_state(template, treedef, layouts, leaves, trainable_ids, factors, bases,
-                   hessians, num_data, prior_precision) -> EvonState:
+                   hessians, num_data, prior_precision) -> SoapBubble:
   """The template EVON state with the Laplace posterior's mean, Ĥ, factors, bases, N, λ/N."""
   template_means = treedef.flatten_up_to(template.mean)
   template_hessians = treedef.flatten_up_to(template.hessian)
@@ -423,7 +424,7 @@ def log_likelihood(
              for index, mask in _chunks(n, batch_size))
 
 
-def _evidence_terms(state: EvonState):
+def _evidence_terms(state: SoapBubble):
   """(‖θ̂‖², P, the per-entry N·Ĥ arrays) over the trainable leaves of a Laplace state."""
   squared_norm, count, curvatures = 0.0, 0, []
   treedef = jax.tree.structure(state.mean)
@@ -437,7 +438,7 @@ def _evidence_terms(state: EvonState):
   return squared_norm, count, jnp.concatenate(curvatures)
 
 
-def _log_evidence(state: EvonState, log_lik, log_prior_precision):
+def _log_evidence(state: SoapBubble, log_lik, log_prior_precision):
   """The Laplace log evidence as a function of log λ (concave in log λ)."""
   squared_norm, count, curvature = _evidence_terms(state)
   prior_precision = jnp.exp(log_prior_precision)
@@ -468,7 +469,7 @@ def log_marginal_likelihood(state, log_likelihood: Any, *,
   Returns:
     The scalar log evidence.
   """
-  state = posterior.find_evon_state(state)
+  state = posterior.bubble(state)
   if prior_precision is None:
     prior_precision = state.ess * state.weight_decay
   else:
@@ -478,13 +479,13 @@ def log_marginal_likelihood(state, log_likelihood: Any, *,
       jnp.log(jnp.asarray(prior_precision, state.ess.dtype)))
 
 
-def with_prior_precision(state: EvonState, prior_precision: Any) -> EvonState:
+def with_prior_precision(state: SoapBubble, prior_precision: Any) -> SoapBubble:
   """The same Laplace posterior under another prior precision λ (``weight_decay = λ / N``).
 
   Cheap (no pass over the data): the GGN does not depend on λ. Traceable in λ.
   """
-  if not isinstance(state, EvonState):
-    raise ValueError(f"with_prior_precision needs an EvonState (as `fit` returns), got "
+  if not isinstance(state, SoapBubble):
+    raise ValueError(f"with_prior_precision needs a SoapBubble (as `fit` returns), got "
                      f"{type(state).__name__}.")
   check.check_positive("prior_precision", prior_precision)
   return state._replace(
@@ -495,7 +496,7 @@ def with_prior_precision(state: EvonState, prior_precision: Any) -> EvonState:
 
 
 def tune_prior_precision(
-    state: EvonState,
+    state: SoapBubble,
     *,
     method: TuningMethod,
     log_likelihood: Optional[Any] = None,
@@ -508,7 +509,7 @@ def tune_prior_precision(
     key: Optional[jax.Array] = None,
     num_samples: int = 32,
     predictive_kind: PredictiveKind = "linearized",
-) -> tuple[EvonState, PriorPrecisionSearch]:
+) -> tuple[SoapBubble, PriorPrecisionSearch]:
   r"""Chooses the prior precision λ of a Laplace state.
 
   * ``method='marglik'``: maximises `log_marginal_likelihood` (θ̂ fixed, the post-hoc
@@ -540,8 +541,8 @@ def tune_prior_precision(
     ``(state with the chosen λ, PriorPrecisionSearch)``.
   """
   check.check_choice("method", method, ("marglik", "nll"))
-  if not isinstance(state, EvonState):
-    raise ValueError(f"tune_prior_precision needs an EvonState (as `fit` returns), got "
+  if not isinstance(state, SoapBubble):
+    raise ValueError(f"tune_prior_precision needs a SoapBubble (as `fit` returns), got "
                      f"{type(state).__name__}.")
   grid = jnp.asarray(DEFAULT_GRID if grid is None else grid, state.ess.dtype)
   if grid.ndim != 1 or grid.shape[0] == 0 or not bool(jnp.all(grid > 0)):

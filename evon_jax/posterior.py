@@ -1,7 +1,8 @@
 """Reading the SOAP-Bubble posterior out of an EVON or IVON optimizer state.
 
-Every function accepts the whole optimizer state (the EVON/IVON state is found inside
-optax.chain, masked, partition, inject_hyperparams and MultiSteps wrappers). For a leaf with
+Every function accepts a `SoapBubble` (e.g. from `evon_jax.laplace.fit`) or the whole
+optimizer state (the posterior is found inside optax.chain, masked, partition,
+inject_hyperparams and MultiSteps wrappers; `bubble(opt_state)` returns it). For a leaf with
 Kronecker axes 1 … K the posterior is W = M + E ×₁ Q₁ ×₂ Q₂ … ×_K Q_K, E ~ N(0, diag V),
 V = 1 / (ess (H + δ)) (for a matrix W = M + Q_L E Q_Rᵀ); identity bases give IVON's
 diagonal Gaussian.
@@ -17,10 +18,12 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import optax
 
-from evon_jax._evon import EvonState, sample_eigen, stored_layouts
 from evon_jax._layout import LeafLayout, as_view, from_view
 from evon_jax._state_search import find_state
-from evon_jax.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases
+from evon_jax.bubble import SoapBubble, draw, records as bubble_records
+from evon_jax.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases, stored_layouts_of
+from evon_jax.transforms import (
+    EigenbasisRefreshState, EigenspaceIvonState, InjectNoiseState)
 
 # Posterior read-outs are off the training hot path: always use full float32 matmuls (the
 # default precision is TF32/bf16 on GPUs and TPUs, which would blur covariances and means).
@@ -28,47 +31,36 @@ _EXACT = jax.lax.Precision.HIGHEST
 
 __all__ = [
     "mean", "sample", "sample_deviation", "marginal_stddev", "covariance", "entropy",
-    "kl_to_prior", "bases", "variance_eigen", "find_evon_state",
+    "kl_to_prior", "bases", "variance_eigen", "find_evon_state", "bubble", "SoapBubble",
 ]
 
 
-def find_evon_state(opt_state) -> EvonState:
-  """The EVON/IVON state inside any optax state pytree, as an `EvonState`.
+def find_evon_state(opt_state) -> InjectNoiseState:
+  """The EVON/IVON optimizer state (`evon_jax.EvonState`) inside any optax state pytree."""
+  return find_state(opt_state, InjectNoiseState)
 
-  A composition of the pieces (`evon_jax.transforms`: inject_noise, eigenbasis_refresh,
-  eigenspace_ivon) is read through the same fields: its posterior is the eigenspace IVON
-  state's, in the refresh's bases.
+
+def bubble(opt_state) -> SoapBubble:
+  """The `SoapBubble` posterior an optimizer state holds (or the bubble itself).
+
+  Found inside optax.chain, masked, partition, inject_hyperparams and MultiSteps; any
+  composition with `eigenspace_ivon` innermost holds one (`eigenspace_adam`, SOAP, does not).
   """
-  from evon_jax import transforms  # local import: the pieces import this module's neighbours
-  node = find_state(opt_state, (EvonState, transforms.InjectNoiseState,
-                                transforms.EigenbasisRefreshState,
-                                transforms.EigenspaceIvonState))
-  return node if isinstance(node, EvonState) else _composed_as_evon_state(node)
+  if isinstance(opt_state, SoapBubble):
+    return opt_state
+  node = find_state(opt_state, (SoapBubble, InjectNoiseState, EigenbasisRefreshState,
+                                EigenspaceIvonState))
+  return node if isinstance(node, SoapBubble) else node.bubble()
 
 
-def _composed_as_evon_state(node) -> EvonState:
-  """The fields of an `EvonState` read from a composition's nested states."""
-  from evon_jax import transforms
-  from evon_jax.transforms._common import as_typed_key
-  noise = node if isinstance(node, transforms.InjectNoiseState) else None
-  inner = node.inner if noise is not None else node
-  refresh = inner if isinstance(inner, transforms.EigenbasisRefreshState) else None
-  ivon = refresh.inner if refresh is not None else inner
-  if not isinstance(ivon, transforms.EigenspaceIvonState):
-    raise ValueError(f"The composition's innermost piece ({type(ivon).__name__}) keeps no "
-                     "posterior; eigenspace_ivon does.")
-  return EvonState(
-      count=ivon.count if noise is None else noise.count,
-      skipped=jnp.zeros([], jnp.int32) if noise is None else noise.skipped,
-      key=as_typed_key(0) if noise is None else noise.key,
-      sample_noise=jnp.zeros([], jnp.float32) if noise is None else noise.sample_noise,
-      mean=ivon.mean, momentum=ivon.momentum, hessian=ivon.hessian,
-      factors=() if refresh is None else refresh.factors.factors,
-      bases=() if refresh is None else refresh.bases,
-      ess=ivon.ess, weight_decay=ivon.weight_decay, accumulator=None)
+def stored_layouts(state) -> list[LeafLayout]:
+  """Leaf layouts as a bubble's (or a state's) bases record them (`kronecker.stored_layout`)."""
+  state = bubble(state)
+  treedef = jax.tree.structure(state.mean)
+  return stored_layouts_of(treedef.flatten_up_to(state.mean), state.bases, treedef)
 
 
-def _per_leaf(state: EvonState):
+def _per_leaf(state: SoapBubble):
   """Yields (layout, mean°, hessian, basis) per leaf; layout is None for frozen leaves."""
   treedef = jax.tree.structure(state.mean)
   layouts = stored_layouts(state)
@@ -78,7 +70,7 @@ def _per_leaf(state: EvonState):
     yield (layout if layout.trainable else None), mean_eigen, hessian, basis
 
 
-def _map_leaves(state: EvonState, trainable_fn, frozen_fn):
+def _map_leaves(state: SoapBubble, trainable_fn, frozen_fn):
   treedef = jax.tree.structure(state.mean)
   out = [frozen_fn(m) if layout is None else trainable_fn(layout, m, h, q)
          for layout, m, h, q in _per_leaf(state)]
@@ -109,7 +101,7 @@ def mean(opt_state, params=None) -> Any:
   Under `optax.partition` / `masked` the leaves another optimizer owns come back as
   `optax.MaskedNode`; pass the loop's `params` to take those leaves from it instead.
   """
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
   out = _map_leaves(
       state,
       lambda layout, m, h, q: from_view(
@@ -120,7 +112,7 @@ def mean(opt_state, params=None) -> Any:
 
 def variance_eigen(opt_state) -> Any:
   """V = 1 / (ess (H + δ)), the variances in eigen coordinates (params-shaped)."""
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
   return _map_leaves(state, lambda layout, m, h, q: _variance(state, h),
                      lambda m: jnp.zeros(m.shape, jnp.float32))
 
@@ -129,7 +121,7 @@ def bases(opt_state) -> Any:
   """Per leaf, its eigenbases: a tuple with one entry per Kronecker axis, the basis Q_k
   (stacked dims first, then (n_k, n_k)) or `None` for an identity axis; a matrix leaf gives
   (Q_L, Q_R), a leaf without bases ()."""
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
   return per_leaf(state.bases, state.mean)
 
 
@@ -161,22 +153,20 @@ def sample_deviation(key: jax.Array, opt_state, num_samples: Optional[int] = Non
 
 
 def _draw(key, opt_state, num_samples, centered):
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
   count = 1 if num_samples is None else num_samples
-  leaf_keys = iter(jax.random.split(key, len(jax.tree.leaves(state.mean))))
-
-  def draw(layout, m, h, q):
-    z = jax.random.normal(next(leaf_keys), (count,) + layout.view_shape, m.dtype)
-    center = jnp.zeros(layout.view_shape, m.dtype) if centered else as_view(m, layout)
-    eigen = sample_eigen(center, as_view(h, layout), z, 1.0, state.ess, state.weight_decay)
-    out = jnp.reshape(rotate_out(eigen, q, _EXACT), (count,) + layout.shape)
-    return out[0] if num_samples is None else out
-
-  def frozen(m):
-    next(leaf_keys)
-    return _repeat(jnp.zeros_like(m) if centered else m, num_samples)
-
-  return _map_leaves(state, draw, frozen)
+  leaf_keys = jax.random.split(key, len(jax.tree.leaves(state.mean)))
+  treedef = jax.tree.structure(state.mean)
+  out = []
+  for leaf_key, record, m in zip(leaf_keys, bubble_records(state),
+                                 treedef.flatten_up_to(state.mean)):
+    if record is None:
+      out.append(_repeat(jnp.zeros_like(m) if centered else m, num_samples))
+      continue
+    z = jax.random.normal(leaf_key, (count,) + record.mean.shape, record.mean.dtype)
+    samples = draw(record, z, 1.0, _EXACT, centered=centered)
+    out.append(samples[0] if num_samples is None else samples)
+  return treedef.unflatten(out)
 
 
 def _squared(basis: AxisBases) -> AxisBases:
@@ -189,7 +179,7 @@ def marginal_stddev(opt_state, params=None) -> Any:
 
   Zero on frozen leaves and, given `params`, on leaves another optimizer owns.
   """
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
 
   def stddev(layout, m, h, q):
     variance = rotate_out(as_view(_variance(state, h), layout), _squared(q), _EXACT)
@@ -218,7 +208,7 @@ def covariance(opt_state, max_size: int = 4096) -> Any:
   independent: block diagonal). Meant for small leaves: raises if a
   leaf has more than `max_size` entries.
   """
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
 
   def dense(layout, m, h, q):
     size = math.prod(layout.shape)
@@ -240,7 +230,7 @@ def _trainable_variances(state):
 
 def entropy(opt_state) -> jax.Array:
   """Differential entropy of the whole posterior, ½ Σ log(2πe V) (rotations do not change it)."""
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
   return sum((0.5 * jnp.sum(jnp.log(2 * math.pi * math.e * v))
               for v in _trainable_variances(state)), jnp.zeros([], jnp.float32))
 
@@ -251,7 +241,7 @@ def kl_to_prior(opt_state) -> jax.Array:
   With s² = 1/(ess δ): ½ Σ [V/s² + M²/s² - 1 + log s² - log V]; ‖M‖ is basis independent.
   With weight_decay = 0 the prior is improper and the KL is infinite.
   """
-  state = find_evon_state(opt_state)
+  state = bubble(opt_state)
   prior_precision = state.ess * state.weight_decay
   total = jnp.zeros([], jnp.float32)
   for layout, m, h, _ in _per_leaf(state):

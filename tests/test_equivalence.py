@@ -350,7 +350,7 @@ def _momentum_and_bases(kind, state):
     return inner.momentum, _sides_tree(inner.bases, inner.momentum)
   inner = state[0]
   assert isinstance(inner, evon_jax.ScaleBySoapState)
-  return inner.mu, _sides_tree(inner.bases, inner.mu)
+  return inner.inner.mu, _sides_tree(inner.bases, inner.inner.mu)
 
 
 def _sides_tree(stored_bases, like):

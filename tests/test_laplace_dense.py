@@ -439,9 +439,9 @@ def test_tuning_rejects_bad_arguments():
   for kwargs, match in cases:
     with pytest.raises(ValueError, match=match):
       tune(**kwargs)
-  with pytest.raises(ValueError, match="EvonState"):
+  with pytest.raises(ValueError, match="SoapBubble"):
     laplace.tune_prior_precision(params, method="marglik", log_likelihood=0.0)
-  with pytest.raises(ValueError, match="EvonState"):
+  with pytest.raises(ValueError, match="SoapBubble"):
     laplace.with_prior_precision(params, 1.0)
   with pytest.raises(ValueError, match="prior_precision"):
     laplace.with_prior_precision(state, -1.0)

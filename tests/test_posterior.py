@@ -284,7 +284,7 @@ def test_one_sided_basis_state():
   bases = posterior.bases(state)
   assert _sides(bases["w"])[0] is None and _sides(bases["w"])[1].shape == (4, 4)
   q_right, _ = np.linalg.qr(rng.standard_normal((4, 4)))
-  state = state._replace(
+  state = posterior.bubble(state)._replace(
       bases=(state.bases[0],
              {"w": jnp.asarray(q_right, jnp.float32), "b": state.bases[1]["b"]}),
       hessian={"w": jnp.asarray(rng.uniform(0.1, 3.0, (5, 4)), jnp.float32),

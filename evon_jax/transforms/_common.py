@@ -1,5 +1,5 @@
 """Helpers every piece shares: hyperparameter splitting, replica averaging, finiteness, keys,
-tree checks. (The old single engine in `_evon.py` uses them too.)"""
+tree checks."""
 
 import numbers
 from typing import NamedTuple

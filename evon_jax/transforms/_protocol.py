@@ -19,8 +19,8 @@ Records, top to bottom:
                     rotated into the eigenbasis, with the same draws.
 Back up, every piece returns its update (the move of the mean, or SOAP's direction) in the
 coordinates it was handed: eigen coordinates below the refresh, parameter space above it.
-The noise-injecting wrapper reads the posterior from its inner state (`posterior_records`),
-the one place the next sample is drawn (`draw`).
+The noise-injecting wrapper reads the posterior from its inner state (`bubble()`, a
+`SoapBubble`) and draws the next sample with `evon_jax.bubble.draw`, the one sampler.
 """
 
 import dataclasses
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import optax
 
 from evon_jax._layout import LeafLayout, as_view, from_view, state_dtype
-from evon_jax.kronecker import AxisBases, rotate_out
+from evon_jax.transforms._common import leaf_names
+from evon_jax.bubble import EigenPosterior, draw  # noqa: F401  (re-exported for the pieces)
 
 
 class Gates(NamedTuple):
@@ -88,15 +89,6 @@ class Message(NamedTuple):
   replica_axis: Any = None
 
 
-class EigenPosterior(NamedTuple):
-  """One leaf's Gaussian in eigen coordinates, as `posterior_records` reads it from a state."""
-
-  mean: jax.Array      # parameter-shaped
-  std: jax.Array       # parameter-shaped: 1/sqrt(ess (H + δ))
-  bases: AxisBases     # () without bases
-  layout: LeafLayout
-
-
 def plain_gates(first=False) -> Gates:
   on = jnp.asarray(True)
   return Gates(active=on, first=jnp.asarray(first), noisy=jnp.asarray(False), factors_free=on)
@@ -116,24 +108,6 @@ def plain_message(grads, layouts: Sequence[LeafLayout], dtypes: Sequence,
   return Message(leaves, gates if gates is not None else plain_gates(), tuple(layouts))
 
 
-def draw(record: EigenPosterior, normals, noise_scale, precision="highest"):
-  """The one sampler: Q (M° + scale · sqrt(V) ⊙ z) Qᵀ, in parameter shape.
-
-  `normals` (the leaf's own shape, or with a leading sample axis) are standard normal draws
-  in eigen coordinates, or None for the mean; `noise_scale` is 0 or 1.
-  """
-  if normals is None:  # the mean
-    view = jnp.reshape(record.mean, record.layout.view_shape)
-    return jnp.reshape(rotate_out(view, record.bases, precision), record.mean.shape)
-  mean, std = record.mean, noise_scale * record.std
-  stacked = normals.ndim > mean.ndim
-  if stacked:
-    mean, std = mean[None], std[None]
-  eigen = mean + std * normals
-  view = jnp.reshape(eigen, eigen.shape[:1] * stacked + record.layout.view_shape)
-  return jnp.reshape(rotate_out(view, record.bases, precision), eigen.shape)
-
-
 def as_message(updates, params, layouts_of, dtypes_of):
   """The message a piece works on, in its Kronecker views, and whether it came as a plain
   gradient tree. A message without layouts (from `inject_noise`, whose records are in the
@@ -149,6 +123,16 @@ def as_message(updates, params, layouts_of, dtypes_of):
       jnp.reshape(x, x.shape[:1] + layout.view_shape) for x in record))
       for record, layout in zip(updates.leaves, layouts)]
   return updates._replace(leaves=viewed, layouts=layouts), False
+
+
+def check_shapes(updates, buffers, layouts):
+  """A clear error when a plain gradient's leaf is not shaped like the state's buffer."""
+  for name, grad, buffer, layout in zip(leaf_names(updates), jax.tree.leaves(updates),
+                                        jax.tree.leaves(buffers), layouts):
+    if layout.trainable and tuple(jnp.shape(grad)) != tuple(jnp.shape(buffer)):
+      raise ValueError(f"Leaf {name}: gradient shape {tuple(jnp.shape(grad))} does not match "
+                       f"the parameter shape {tuple(jnp.shape(buffer))} the optimizer was "
+                       "initialised with.")
 
 
 def outputs(values, updates, layouts, plain):

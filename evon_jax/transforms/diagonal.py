@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import ivon_step, whitening
+from evon_jax.bubble import SoapBubble, records as bubble_records
 from evon_jax._gating import ema_coefficients, scale_if
-from evon_jax._layout import as_view, elementwise_layout, from_view, state_dtype, tree_layouts
+from evon_jax._layout import as_view, from_view, state_dtype, tree_layouts
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     frozen_placeholder, join_hyperparams, replica_mean, split_hyperparams, widest_float,
@@ -62,24 +63,12 @@ class EigenspaceIvonState(NamedTuple):
   ess: jax.Array
   weight_decay: jax.Array
 
-  def mean_tree(self):
-    """The posterior mean in eigen coordinates (frozen leaves: their values)."""
-    return self.mean
+  def bubble(self) -> SoapBubble:
+    """The posterior, without bases (the coordinates it was handed in)."""
+    return SoapBubble(self.mean, self.hessian, (), (), self.ess, self.weight_decay)
 
   def posterior_records(self) -> list:
-    """Per leaf its Gaussian (identity bases), or None for a frozen leaf."""
-    treedef = jax.tree.structure(self.mean)
-    records = []
-    for mean, hessian in zip(treedef.flatten_up_to(self.mean),
-                             treedef.flatten_up_to(self.hessian)):
-      layout = elementwise_layout(mean.shape, mean.dtype)
-      if not layout.trainable:
-        records.append(None)
-        continue
-      std = ivon_step.posterior_std(hessian, self.ess.astype(hessian.dtype),
-                                    self.weight_decay.astype(hessian.dtype))
-      records.append(protocol.EigenPosterior(mean, std, (), layout))
-    return records
+    return bubble_records(self.bubble())
 
 
 # The buffers `eigenbasis_refresh` re-expresses when the basis changes (a NamedTuple cannot
@@ -160,6 +149,8 @@ class IvonSpec(protocol.Spec):
     message, plain = protocol.as_message(
         updates, params, _diagonal_layouts,
         lambda tree, layouts: protocol.leaf_dtypes(tree, layouts, self.dtype))
+    if plain:
+      protocol.check_shapes(updates, state.mean, message.layouts)
     treedef = jax.tree.structure(state.mean)
     gates = message.gates
     t = state.count + 1
@@ -289,6 +280,8 @@ class AdamSpec(protocol.Spec):
     message, plain = protocol.as_message(
         updates, params, _diagonal_layouts,
         lambda tree, layouts: protocol.leaf_dtypes(tree, layouts, self.dtype))
+    if plain:
+      protocol.check_shapes(updates, state.mu, message.layouts)
     gates = message.gates
     moves = gates.active & ~gates.first
     b1_keep, b1_take = ema_coefficients(b1, moves)

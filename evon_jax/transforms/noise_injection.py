@@ -40,11 +40,28 @@ class InjectNoiseState(NamedTuple):
   pending: Any
   inner: Any
 
+  def bubble(self):
+    """The posterior the optimizer holds (`evon_jax.posterior.bubble` finds it in wrappers)."""
+    return self.inner.bubble()
+
   def posterior_records(self) -> list:
     return self.inner.posterior_records()
 
-  def mean_tree(self):
-    return self.inner.mean_tree()
+  # Read-only views of the posterior's buffers, as `evon_jax.evon`'s state always offered
+  # them (eigen coordinates; bases and factors stored per axis slot, see `kronecker`).
+  mean = property(lambda self: self.bubble().mean)
+  hessian = property(lambda self: self.bubble().hessian)
+  bases = property(lambda self: self.bubble().bases)
+  factors = property(lambda self: self.bubble().factors)
+  ess = property(lambda self: self.bubble().ess)
+  weight_decay = property(lambda self: self.bubble().weight_decay)
+  momentum = property(lambda self: _innermost(self).momentum)
+
+
+def _innermost(state):
+  while hasattr(state, "inner"):
+    state = state.inner
+  return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +244,9 @@ class NoiseSpec(protocol.Spec):
       raise ValueError(
           "evon_jax optimizers need `params` in update(grads, state, params): drop-in mode "
           "returns (next sample - params), explicit mode returns (new mean - params).")
-    check_tree("gradient", updates, params)
+    reference = state.bubble().mean
+    check_tree("gradient", updates, reference)
+    check_tree("params", params, reference, compare_shapes=True)
     finite = all_finite(updates, self.replicas)
     if self.replicas is not None and self.replica_noise == "shared":
       updates = replica_mean(updates, self.replicas)
@@ -291,7 +310,7 @@ def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   if axis_name is not None:
     first = jax.lax.axis_index(axis_name) * num_samples
   seeds = sample_seeds(state.key, num_samples, first)
-  means = state.mean_tree()
+  means = state.bubble().mean
   treedef = jax.tree.structure(means)
   out = []
   for i, (record, mean) in enumerate(zip(state.posterior_records(),

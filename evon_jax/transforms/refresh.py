@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import eigenbasis
+from evon_jax.bubble import records as bubble_records
 from evon_jax._gating import ema_coefficients
 from evon_jax._layout import as_view, from_view, state_dtype, tree_layouts
 from evon_jax.kronecker import (
     bases_to_storage, empty_bases, ema, factor_statistics, mean_factor_statistics, num_slots,
-    rotate_in, rotate_out, storage_to_bases, stored_layout)
+    rotate_in, rotate_out, storage_to_bases)
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     join_hyperparams, replica_mean, split_hyperparams, zero_unless)
@@ -149,25 +150,12 @@ class EigenbasisRefreshState(NamedTuple):
   factors: Any
   inner: Any
 
-  def mean_tree(self):
-    return self.inner.mean_tree()
+  def bubble(self):
+    """The inner's posterior, in these bases."""
+    return self.inner.bubble()._replace(factors=self.factors.factors, bases=self.bases)
 
   def posterior_records(self) -> list:
-    """The inner's per-leaf Gaussians, with the bases they live in."""
-    records = self.inner.posterior_records()
-    if not self.bases:
-      return records
-    columns = [jax.tree.leaves(tree) for tree in self.bases]
-    out = []
-    for i, record in enumerate(records):
-      if record is None:
-        out.append(None)
-        continue
-      layout = stored_layout(record.mean, [column[i] for column in columns])
-      bases = tuple(columns[k][i] if rotated else None
-                    for k, rotated in enumerate(layout.rotated))
-      out.append(record._replace(bases=bases, layout=layout))
-    return out
+    return bubble_records(self.bubble())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +212,9 @@ class RefreshSpec(protocol.Spec):
     reference = updates if params is None else params
     treedef = jax.tree.structure(reference)
     layouts = message.layouts
+    if plain:
+      protocol.check_shapes(updates, getattr(state.inner, type(state.inner).eigen_fields[0]),
+                            layouts)
     gates = message.gates._replace(first=message.gates.first | (state.count == 0))
     bases = storage_to_bases(state.bases, treedef, layouts)
     eigen = [None if rec is None else protocol.EigenGradients(
