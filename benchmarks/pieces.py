@@ -19,7 +19,7 @@ import numpy as np
 
 from benchmarks import common
 from evon_jax import eigenbasis, ivon_step, kronecker, whitening
-from evon_jax._layout import leaf_layout
+from evon_jax.maths.layout import leaf_layout
 
 _EXACT = jax.lax.Precision.HIGHEST
 

@@ -13,19 +13,37 @@ Other structured posteriors, for comparison and for models trained without EVON:
 by the kernel and image of the network Jacobian).
 """
 
-from evon_jax import (
-    checkpoint, eigenbasis, ivon_step, kronecker, metrics, noise, posterior, predictive,
-    whitening)
-from evon_jax.bubble import SoapBubble
-from evon_jax.transforms import InjectNoiseState as EvonState  # the state of evon and ivon
-from evon_jax.transforms import training_samples
-from evon_jax._optimizers import evon, ivon
-from evon_jax import laplace, lowrank, meanfield, viking  # noqa: E402  (after the optimizers)
-from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
-from evon_jax._layout import matrix_view
+import sys as _sys
+
+# The package by role: maths/ (Kronecker views and products, eigenbases, whitening, normal
+# draws, IVON's elementwise update), transforms/ (the four composable pieces), readout/ (the
+# SoapBubble, posterior read-outs, predictive, metrics), structured/ (the seed papers' other
+# posteriors: Laplace, low-rank, mean-field, VIKING).
+from evon_jax.maths import eigenbasis, kronecker, whitening
+from evon_jax.maths import ivon_update, normal_draws
+from evon_jax.readout import bubble, metrics, posterior, predictive
 from evon_jax import transforms
 from evon_jax.transforms import (
     eigenbasis_refresh, eigenspace_adam, eigenspace_ivon, inject_noise, kronecker_factor_ema)
+from evon_jax.readout.bubble import SoapBubble
+from evon_jax.transforms import InjectNoiseState as EvonState  # the state of evon and ivon
+from evon_jax.transforms import training_samples
+from evon_jax._optimizers import evon, ivon
+from evon_jax.structured import laplace, lowrank, meanfield, viking
+from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
+from evon_jax.maths.layout import matrix_view
+from evon_jax import checkpoint
+
+# The module paths of releases before the package was grouped by role keep importing
+# (`import evon_jax.kronecker`, `from evon_jax.noise import ...`): the same module objects.
+ivon_step, noise = ivon_update, normal_draws
+for _old, _module in {
+    "kronecker": kronecker, "eigenbasis": eigenbasis, "whitening": whitening,
+    "noise": normal_draws, "ivon_step": ivon_update, "bubble": bubble, "metrics": metrics,
+    "posterior": posterior, "predictive": predictive, "laplace": laplace, "lowrank": lowrank,
+    "meanfield": meanfield, "viking": viking,
+}.items():
+  _sys.modules[f"evon_jax.{_old}"] = _module
 
 # Arguments that fix shapes or branches: pass them as `static_args` to optax.inject_hyperparams
 # (e.g. `optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)`).

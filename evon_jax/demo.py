@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 import evon_jax
-from evon_jax import metrics, predictive
+from evon_jax.readout import metrics, predictive
 
 NUM_CLASSES = 10
 HIDDEN = 128

@@ -80,7 +80,7 @@ def main():
   calls64 = _trajectory(params64, loss)
   state64 = calls64[-1][-1]
   # Every statistic (mean, momentum, Hessian, factors, bases, accumulator) in float64; the
-  # scalars ess, weight_decay and sample_noise are float32 by design.
+  # scalars ess, weight_decay and noise_scale are float32 by design.
   for field in ("mean", "momentum", "hessian", "factors", "bases"):
     assert _inexact_dtypes(getattr(state64, field)) == {"float64"}, (
         field, _inexact_dtypes(getattr(state64, field)))

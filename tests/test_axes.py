@@ -19,7 +19,7 @@ import pytest
 
 import evon_jax
 from evon_jax import posterior
-from evon_jax._layout import leaf_layout, merge_dims_groups
+from evon_jax.maths.layout import leaf_layout, merge_dims_groups
 import numpy_reference as ref
 from test_equivalence import _np, _spd, assert_tree_close, drop_in_trajectory
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from evon_jax import eigenbasis, kronecker, whitening
-from evon_jax._layout import leaf_layout
+from evon_jax.maths.layout import leaf_layout
 
 ATOL = 1e-5
 

@@ -244,7 +244,7 @@ def test_inject_noise_skips_non_finite_calls_exactly():
   assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
   keys = lambda s: jax.random.key_data(s.key)
   np.testing.assert_array_equal(keys(after), keys(state))
-  kept = lambda s: (s.count, s.sample_noise, s.pending, s.inner)
+  kept = lambda s: (s.count, s.noise_scale, s.pending, s.inner)
   for new, old in zip(jax.tree.leaves(kept(after)), jax.tree.leaves(kept(state))):
     if jnp.issubdtype(new.dtype, jax.dtypes.prng_key):
       new, old = jax.random.key_data(new), jax.random.key_data(old)

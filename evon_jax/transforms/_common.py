@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evon_jax import noise
+from evon_jax.maths import normal_draws as noise
 
 
 # ----------------------------------------------------------------------------- hyperparameters

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from evon_jax._layout import LeafLayout, as_view, from_view, state_dtype
+from evon_jax.maths.layout import LeafLayout, as_view, from_view, state_dtype
 from evon_jax.transforms._common import leaf_names
-from evon_jax.bubble import EigenPosterior, draw  # noqa: F401  (re-exported for the pieces)
+from evon_jax.readout.bubble import EigenPosterior, draw  # noqa: F401  (re-exported for the pieces)
 
 
 class Gates(NamedTuple):

@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from evon_jax import ivon_step, whitening
-from evon_jax.bubble import SoapBubble, records as bubble_records
-from evon_jax._gating import ema_coefficients, scale_if
-from evon_jax._layout import as_view, from_view, state_dtype, tree_layouts
+from evon_jax.maths import ivon_update as ivon_step, whitening
+from evon_jax.readout.bubble import SoapBubble, records as bubble_records
+from evon_jax.maths.gates import ema_coefficients, scale_if
+from evon_jax.maths.layout import as_view, from_view, state_dtype, tree_layouts
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     frozen_placeholder, join_hyperparams, replica_mean, split_hyperparams, widest_float,

@@ -26,7 +26,7 @@ class InjectNoiseState(NamedTuple):
     count: calls taken (skipped calls not counted).
     skipped: calls skipped because a gradient was not finite.
     key: PRNG key that drew the noise of the sample the loop holds now.
-    sample_noise: 1.0 if that sample carries noise, 0.0 if it is the mean (the first call,
+    noise_scale: 1.0 if that sample carries noise, 0.0 if it is the mean (the first call,
       clean phases, explicit mode's output).
     pending: drop-in Monte Carlo (mc_samples = k > 1): the gradients (a params-shaped tree
       with a leading axis k-1) and keys (k-1,) of the step's earlier samples; else None.
@@ -36,7 +36,7 @@ class InjectNoiseState(NamedTuple):
   count: jax.Array
   skipped: jax.Array
   key: jax.Array
-  sample_noise: jax.Array
+  noise_scale: jax.Array
   pending: Any
   inner: Any
 
@@ -121,7 +121,7 @@ class NoiseSpec(protocol.Spec):
                  jax.random.split(as_typed_key(key), k))
     return InjectNoiseState(
         count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32),
-        key=as_typed_key(key), sample_noise=jnp.zeros([], jnp.float32), pending=pending,
+        key=as_typed_key(key), noise_scale=jnp.zeros([], jnp.float32), pending=pending,
         inner=inner)
 
   # ------------------------------------------------------------------- per call
@@ -152,7 +152,7 @@ class NoiseSpec(protocol.Spec):
       stacks.append(grad.astype(record.mean.dtype))
     return stacks
 
-  def _message(self, stacks, keys, params, records, sample_noise, gates):
+  def _message(self, stacks, keys, params, records, noise_scale, gates):
     """The records of a step: gradients, their draws z (scaled by the sample's noise flag)
     and the points they were taken at."""
     if self.drop_in:  # each sample was drawn at its own call, from that call's key
@@ -166,7 +166,7 @@ class NoiseSpec(protocol.Spec):
         continue
       dtype = stack.dtype
       normals = jnp.stack([standard_normal(s, i, param.shape, dtype) for s in seeds])
-      normals = normals * sample_noise.astype(dtype)
+      normals = normals * noise_scale.astype(dtype)
       if self.drop_in and stack.shape[0] == 1:  # the loop holds the sample itself
         thetas = jnp.asarray(param).astype(dtype)[None]
       else:
@@ -182,7 +182,7 @@ class NoiseSpec(protocol.Spec):
 
   def _step(self, stacks, keys, state, params, traced, active):
     records = state.inner.posterior_records()
-    message = self._message(stacks, keys, params, records, state.sample_noise,
+    message = self._message(stacks, keys, params, records, state.noise_scale,
                             self._gates(state.count, active))
     return self.inner.apply(message, state.inner, params, traced)[1]
 
@@ -260,12 +260,12 @@ class NoiseSpec(protocol.Spec):
     key = jax.lax.select(finite, jax.random.split(state.key)[0], state.key)
     # The next call's noise flag; in explicit mode the loop holds the mean while
     # `training_samples` draws the noisy samples from the same flag and key.
-    sample_noise = jnp.where(finite, self.noise_on(count).astype(jnp.float32),
-                             state.sample_noise)
+    noise_scale = jnp.where(finite, self.noise_on(count).astype(jnp.float32),
+                             state.noise_scale)
     new_state = InjectNoiseState(
         count=count, skipped=state.skipped + (~finite).astype(state.skipped.dtype), key=key,
-        sample_noise=sample_noise, pending=pending, inner=inner)
-    out = self._next_sample(inner.posterior_records(), params, key, sample_noise,
+        noise_scale=noise_scale, pending=pending, inner=inner)
+    out = self._next_sample(inner.posterior_records(), params, key, noise_scale,
                             finite.astype(jnp.float32))
     return out, new_state
 
@@ -304,7 +304,7 @@ def inject_noise(inner, *, key=0, mc_samples: int = 1, drop_in: bool = True,
 
 def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   """The parameters at which explicit mode expects the next gradients (see `evon`)."""
-  from evon_jax._state_search import find_state
+  from evon_jax.readout.locate import find_state
   state = find_state(opt_state, InjectNoiseState)
   first = 0
   if axis_name is not None:
@@ -320,5 +320,5 @@ def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
       continue
     normals = jnp.stack([standard_normal(s, i, record.mean.shape, record.mean.dtype)
                          for s in seeds])
-    out.append(protocol.draw(record, normals, state.sample_noise.astype(normals.dtype)))
+    out.append(protocol.draw(record, normals, state.noise_scale.astype(normals.dtype)))
   return treedef.unflatten(out)

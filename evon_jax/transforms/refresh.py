@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from evon_jax import eigenbasis
-from evon_jax.bubble import records as bubble_records
-from evon_jax._gating import ema_coefficients
-from evon_jax._layout import as_view, from_view, state_dtype, tree_layouts
-from evon_jax.kronecker import (
+from evon_jax.maths import eigenbasis
+from evon_jax.readout.bubble import records as bubble_records
+from evon_jax.maths.gates import ema_coefficients
+from evon_jax.maths.layout import as_view, from_view, state_dtype, tree_layouts
+from evon_jax.maths.kronecker import (
     bases_to_storage, empty_bases, ema, factor_statistics, mean_factor_statistics, num_slots,
     rotate_in, rotate_out, storage_to_bases)
 from evon_jax.transforms import _protocol as protocol

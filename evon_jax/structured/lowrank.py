@@ -174,7 +174,7 @@ if nnx is not None:
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
-      >>> from evon_jax.lowrank import LowRankLinear
+      >>> from evon_jax.structured.lowrank import LowRankLinear
       >>> layer = LowRankLinear(16, 8, rank=2, rngs=nnx.Rngs(0))
       >>> layer(jnp.ones((4, 16))).shape, layer.weight().shape
       ((4, 8), (16, 8))

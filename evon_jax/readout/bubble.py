@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from evon_jax import ivon_step
-from evon_jax._layout import LeafLayout, elementwise_layout
-from evon_jax.kronecker import AxisBases, rotate_out, stored_layout
+from evon_jax.maths import ivon_update as ivon_step
+from evon_jax.maths.layout import LeafLayout, elementwise_layout
+from evon_jax.maths.kronecker import AxisBases, rotate_out, stored_layout
 
 
 class SoapBubble(NamedTuple):

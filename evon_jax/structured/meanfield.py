@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import _validation as check
-from evon_jax import predictive
+from evon_jax.readout import predictive
 
 __all__ = [
     "MeanField", "GaussianPrior", "ScaleMixturePrior", "init", "stddev", "sample",

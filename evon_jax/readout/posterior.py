@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import optax
 
-from evon_jax._layout import LeafLayout, as_view, from_view
-from evon_jax._state_search import find_state
-from evon_jax.bubble import SoapBubble, draw, records as bubble_records
-from evon_jax.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases, stored_layouts_of
+from evon_jax.maths.layout import LeafLayout, as_view, from_view
+from evon_jax.readout.locate import find_state
+from evon_jax.readout.bubble import SoapBubble, draw, records as bubble_records
+from evon_jax.maths.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases, stored_layouts_of
 from evon_jax.transforms import (
     EigenbasisRefreshState, EigenspaceIvonState, InjectNoiseState)
 

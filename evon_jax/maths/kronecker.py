@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from evon_jax._layout import LeafLayout, elementwise_layout
+from evon_jax.maths.layout import LeafLayout, elementwise_layout
 
 _EXACT = jax.lax.Precision.HIGHEST
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from evon_jax import posterior
+from evon_jax.readout import posterior
 
 __all__ = [
     "sample_predictive", "probabilities_of_samples", "bayesian_model_average",

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import jax
 import jax.numpy as jnp
 
-from evon_jax.kronecker import AxisBases, change_basis
+from evon_jax.maths.kronecker import AxisBases, change_basis
 
 _EXACT = jax.lax.Precision.HIGHEST
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from evon_jax._layout import LeafLayout
+from evon_jax.maths.layout import LeafLayout
 
 # Quintic Newton–Schulz coefficients (as in Muon / the EVON reference), five iterations.
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
