@@ -28,14 +28,6 @@ def _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_sample
     raise ValueError("clip_radius must be > 0 (use math.inf for no clipping).")
 
 
-def _check_replicas(axis_name, replica_noise):
-  check.check_choice("replica_noise", replica_noise, ("shared", "independent"))
-  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
-    raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
-  if replica_noise == "independent" and axis_name is None:
-    raise ValueError("replica_noise='independent' needs an axis_name to tell replicas apart.")
-
-
 def _dtype_or_none(dtype):
   """A floating dtype, or None; a clear error for anything else."""
   if dtype is None:
@@ -199,7 +191,7 @@ def evon(
   check.check_choice("refresh_method", refresh_method, ("power_qr", "eigh"))
   check.check_choice("factor_gradient", factor_gradient, ("loss", "regularized"))
   check.check_choice("factor_statistic", factor_statistic, ("mean_gradient", "per_sample"))
-  _check_replicas(axis_name, replica_noise)
+  check.check_replicas(axis_name, replica_noise)
   check.check_stacked_dims(stacked_dims)
   check.check_dimension_numbers(dimension_numbers, merge_dims)
   regularization = weight_decay if factor_gradient == "regularized" else 0.0
@@ -261,7 +253,7 @@ def ivon(
   """
   _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
                 clip_radius)
-  _check_replicas(axis_name, replica_noise)
+  check.check_replicas(axis_name, replica_noise)
   return inject_noise(
       eigenspace_ivon(
           learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, eps=0.0,

@@ -84,3 +84,11 @@ def check_dimension_numbers(dimension_numbers, merge_dims):
                      f"evon_jax.matrix_view; got {dimension_numbers!r}.")
   if dimension_numbers is not None and merge_dims:
     raise ValueError("Pass either dimension_numbers or merge_dims=True, not both.")
+
+
+def check_replicas(axis_name, replica_noise):
+  check_choice("replica_noise", replica_noise, ("shared", "independent"))
+  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+    raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
+  if replica_noise == "independent" and axis_name is None:
+    raise ValueError("replica_noise='independent' needs an axis_name to tell replicas apart.")

@@ -275,3 +275,52 @@ def test_rebuilt_compositions_compile_nothing_after_the_first_call():
       updates, state = build().update(grad(params), state, params)
       params = optax.apply_updates(params, updates)
   assert compiled[0] == 0
+
+
+def test_states_alias_no_buffer_so_donation_works():
+  """No state buffer is the params' own or another state buffer: a step that donates both
+  params and state runs (XLA refuses to donate one buffer twice)."""
+  params, grad = _problem()
+  for tx in (evon_jax.evon(1e-2, ess=100.0, hess_init=0.5), evon_jax.soap(1e-2)):
+    step = jax.jit(lambda p, s, tx=tx: tx.update(grad(p), s, p), donate_argnums=(0, 1))
+    p = jax.tree.map(jnp.copy, params)
+    updates, state = step(p, tx.init(p))
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)
+               if jnp.issubdtype(u.dtype, jnp.floating))
+
+
+def test_posterior_of_a_partition_with_evon_and_soap():
+  """SOAP's refresh state has bases but no posterior: the read-outs find EVON's alone."""
+  params, grad = _problem()
+  labels = {"w": "evon", "b": "soap", "c": "evon", "i": "soap"}
+  tx = optax.partition({"evon": evon_jax.evon(1e-2, ess=100.0, hess_init=0.5),
+                        "soap": evon_jax.soap(1e-2)}, labels)
+  state = tx.init(params)
+  _, state = tx.update(grad(params), state, params)
+  mean = evon_jax.posterior.mean(state, params)
+  np.testing.assert_allclose(mean["w"], params["w"], atol=1e-6)  # the first call only inits
+  np.testing.assert_array_equal(mean["b"], params["b"])  # SOAP's leaf, filled from params
+  with pytest.raises(ValueError, match="No EVON/IVON"):
+    evon_jax.posterior.mean(evon_jax.soap(1e-2).init(params))
+
+
+@pytest.mark.parametrize("build, error", [
+    (lambda: evon_jax.inject_noise(evon_jax.eigenspace_adam()), TypeError),
+    (lambda: evon_jax.inject_noise(evon_jax.scale_by_soap()), TypeError),
+    (lambda: evon_jax.eigenbasis_refresh(
+        evon_jax.inject_noise(evon_jax.eigenspace_ivon(0.1, ess=1.0, hess_init=1.0)),
+        factors=evon_jax.kronecker_factor_ema()), TypeError),
+    (lambda: evon_jax.eigenbasis_refresh(evon_jax.eigenspace_adam(), refresh_method="eig",
+                                         factors=evon_jax.kronecker_factor_ema()), ValueError),
+    (lambda: evon_jax.eigenbasis_refresh(evon_jax.eigenspace_adam(), precondition_frequency=0,
+                                         factors=evon_jax.kronecker_factor_ema()), ValueError),
+    (lambda: evon_jax.kronecker_factor_ema(statistic="per-sample"), ValueError),
+    (lambda: evon_jax.inject_noise(evon_jax.eigenspace_ivon(0.1, ess=1.0, hess_init=1.0),
+                                   axis_name="i", replica_noise="indep"), ValueError),
+    (lambda: evon_jax.inject_noise(evon_jax.eigenspace_ivon(0.1, ess=1.0, hess_init=1.0),
+                                   mc_samples=0), ValueError),
+    (lambda: evon_jax.eigenspace_ivon(0.1, ess=0.0, hess_init=1.0), ValueError),
+])
+def test_pieces_reject_bad_compositions_and_arguments(build, error):
+  with pytest.raises(error):
+    build()

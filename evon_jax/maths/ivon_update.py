@@ -34,7 +34,7 @@ def clip_hessian_estimate(estimate, hessian, ratio, eps):
 def ivon_hessian_update(hessian, estimate, b2, weight_decay, one_minus_b2=None):
   """IVON's Hessian EMA with the second-order correction that keeps H positive.
 
-  `one_minus_b2` may be passed separately (see `_gating.ema_coefficients`): (b2, 0) then
+  `one_minus_b2` may be passed separately (see `maths.gates.ema_coefficients`): (b2, 0) then
   leaves H exactly unchanged.
   """
   take = 1 - b2 if one_minus_b2 is None else one_minus_b2

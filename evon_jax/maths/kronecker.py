@@ -115,7 +115,7 @@ def mean_factor_statistics(grads: jax.Array, layout: LeafLayout) -> AxisBases:
 def ema(old, new, decay, one_minus_decay=None):
   """Exponential moving average axis by axis; identity axes stay `None`.
 
-  `one_minus_decay` may be passed separately (see `_gating.ema_coefficients`).
+  `one_minus_decay` may be passed separately (see `maths.gates.ema_coefficients`).
   """
   take = 1 - decay if one_minus_decay is None else one_minus_decay
   return jax.tree.map(lambda a, b: decay * a + take * b, old, new)

@@ -48,9 +48,18 @@ def bubble(opt_state) -> SoapBubble:
   """
   if isinstance(opt_state, SoapBubble):
     return opt_state
-  node = find_state(opt_state, (SoapBubble, InjectNoiseState, EigenbasisRefreshState,
-                                EigenspaceIvonState))
-  return node if isinstance(node, SoapBubble) else node.bubble()
+  kinds = (SoapBubble, InjectNoiseState, EigenbasisRefreshState, EigenspaceIvonState)
+  nodes = [node for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
+           if isinstance(node, kinds) and _holds_posterior(node)]
+  if len(nodes) != 1:  # none, or several: the search's own error says which
+    return find_state(nodes, SoapBubble if not nodes else type(nodes[0]))
+  return nodes[0] if isinstance(nodes[0], SoapBubble) else nodes[0].bubble()
+
+
+def _holds_posterior(node) -> bool:
+  """SOAP's refresh state (Adam inside) has bases but no posterior."""
+  return not isinstance(node, EigenbasisRefreshState) or isinstance(node.inner,
+                                                                     EigenspaceIvonState)
 
 
 def stored_layouts(state) -> list[LeafLayout]:

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from evon_jax.maths.layout import LeafLayout, as_view, from_view, state_dtype
-from evon_jax.transforms._common import leaf_names
+from evon_jax.maths.layout import LeafLayout, as_view, from_view
+from evon_jax.transforms._common import check_tree, leaf_names
 from evon_jax.readout.bubble import EigenPosterior, draw  # noqa: F401  (re-exported for the pieces)
 
 
@@ -89,9 +89,10 @@ class Message(NamedTuple):
   replica_axis: Any = None
 
 
-def plain_gates(first=False) -> Gates:
+def plain_gates() -> Gates:
+  """The gates of a plain call: a step, not the first of a composition, no noise."""
   on = jnp.asarray(True)
-  return Gates(active=on, first=jnp.asarray(first), noisy=jnp.asarray(False), factors_free=on)
+  return Gates(active=on, first=jnp.asarray(False), noisy=jnp.asarray(False), factors_free=on)
 
 
 def plain_message(grads, layouts: Sequence[LeafLayout], dtypes: Sequence,
@@ -108,14 +109,19 @@ def plain_message(grads, layouts: Sequence[LeafLayout], dtypes: Sequence,
   return Message(leaves, gates if gates is not None else plain_gates(), tuple(layouts))
 
 
-def as_message(updates, params, layouts_of, dtypes_of):
+def as_message(updates, params, layouts_of, buffers):
   """The message a piece works on, in its Kronecker views, and whether it came as a plain
-  gradient tree. A message without layouts (from `inject_noise`, whose records are in the
-  leaves' own shapes) is viewed with `layouts_of(params)`."""
+  gradient tree. A plain tree is checked against `buffers` (a params-shaped tree of the
+  state: structure, shapes, and the dtypes the statistics are kept in). A message without
+  layouts (from `inject_noise`, whose records are in the leaves' own shapes) is viewed with
+  `layouts_of(params)`."""
   reference = updates if params is None else params
   if not isinstance(updates, Message):
+    check_tree("gradient", updates, buffers)
     layouts = layouts_of(reference)
-    return plain_message(updates, layouts, dtypes_of(reference, layouts)), True
+    check_shapes(updates, buffers, layouts)
+    dtypes = [jnp.result_type(b) for b in jax.tree.leaves(buffers)]
+    return plain_message(updates, layouts, dtypes), True
   if updates.layouts is not None:
     return updates, False
   layouts = tuple(layouts_of(reference))
@@ -147,10 +153,6 @@ def outputs(values, updates, layouts, plain):
       for v, l, g in zip(values, layouts, grads)])
 
 
-def leaf_dtypes(tree, layouts, requested):
-  return [state_dtype(jnp.result_type(leaf), requested) for leaf in jax.tree.leaves(tree)]
-
-
 def fields(state, names, treedef):
   return [treedef.flatten_up_to(getattr(state, name)) for name in names]
 
@@ -176,6 +178,17 @@ class Spec:
   @property
   def axis_name(self):
     return None
+
+
+def is_diagonal(spec) -> bool:
+  """A diagonal method: a piece whose state names its eigen-coordinate buffers."""
+  return getattr(spec, "diagonal", False)
+
+
+def holds_posterior(spec) -> bool:
+  """eigenspace_ivon, alone or inside eigenbasis_refresh."""
+  return getattr(spec, "posterior", False) or getattr(
+      getattr(spec, "inner", None), "posterior", False)
 
 
 class PieceTransformation(optax.GradientTransformationExtraArgs):

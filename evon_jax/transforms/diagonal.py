@@ -17,6 +17,7 @@ from evon_jax.maths import ivon_update as ivon_step, whitening
 from evon_jax.readout.bubble import SoapBubble, records as bubble_records
 from evon_jax.maths.gates import ema_coefficients, scale_if
 from evon_jax.maths.layout import as_view, from_view, state_dtype, tree_layouts
+from evon_jax import _validation as check
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     frozen_placeholder, join_hyperparams, replica_mean, split_hyperparams, widest_float,
@@ -73,11 +74,13 @@ class EigenspaceIvonState(NamedTuple):
 
 # The buffers `eigenbasis_refresh` re-expresses when the basis changes (a NamedTuple cannot
 # declare a class attribute in its body).
-EigenspaceIvonState.eigen_fields = ("momentum", "mean")
+EigenspaceIvonState.eigen_fields = ("mean", "momentum")
 
 
 @dataclasses.dataclass(frozen=True)
 class IvonSpec(protocol.Spec):
+  diagonal = True   # class attributes (not fields): what may wrap this piece
+  posterior = True
   static_hp: tuple
   whiten: bool = False
   rescale_lr: bool = False
@@ -98,7 +101,7 @@ class IvonSpec(protocol.Spec):
     for leaf, layout in zip(leaves, layouts):
       dtype = state_dtype(leaf.dtype, self.dtype)
       if not layout.trainable:
-        means.append(leaf)
+        means.append(jnp.array(leaf, copy=True))  # never the params' own buffer (donation)
         momenta.append(frozen_placeholder(dtype))
         hessians.append(frozen_placeholder(dtype))
         continue
@@ -119,7 +122,7 @@ class IvonSpec(protocol.Spec):
     return lr
 
   def _leaf(self, record, mean, momentum, hessian, layout, hp, gates, lr, t, replica_axis):
-    """One leaf's IVON step; every buffer gated by scalar coefficients (see `_gating`)."""
+    """One leaf's IVON step; every buffer gated by scalar coefficients (see `maths.gates`)."""
     grad = jnp.mean(record.grads, axis=0)
     normal_times_grad = jnp.mean(record.normals * record.grads, axis=0)
     grad, normal_times_grad = zero_unless(
@@ -146,11 +149,7 @@ class IvonSpec(protocol.Spec):
 
   def apply(self, updates, state, params, traced):
     hp = self.hyperparams(traced)
-    message, plain = protocol.as_message(
-        updates, params, _diagonal_layouts,
-        lambda tree, layouts: protocol.leaf_dtypes(tree, layouts, self.dtype))
-    if plain:
-      protocol.check_shapes(updates, state.mean, message.layouts)
+    message, plain = protocol.as_message(updates, params, _diagonal_layouts, state.mean)
     treedef = jax.tree.structure(state.mean)
     gates = message.gates
     t = state.count + 1
@@ -225,6 +224,16 @@ def eigenspace_ivon(
   Returns:
     An optax transformation (`PieceTransformation`) whose update is the move of the mean.
   """
+  check.check_learning_rate(learning_rate)
+  check.check_positive("ess", ess)
+  check.check_positive("hess_init", hess_init)
+  check.check_beta("b1", b1)
+  check.check_beta("b2", b2)
+  check.check_non_negative("eps", eps)
+  check.check_non_negative("weight_decay", weight_decay)
+  if hess_clip_ratio is not None:
+    check.check_positive("hess_clip_ratio", hess_clip_ratio)
+  check.check_non_negative("clip_radius", clip_radius, allow_inf=True)
   hp = IvonHyperparams(learning_rate, ess, hess_init, b1, b2, eps, weight_decay,
                        hess_clip_ratio, clip_radius)
   static_hp, traced_hp = split_hyperparams(hp)
@@ -263,25 +272,22 @@ EigenspaceAdamState.eigen_fields = ("mu",)
 
 @dataclasses.dataclass(frozen=True)
 class AdamSpec(protocol.Spec):
+  diagonal = True
   static_hp: tuple
   dtype: Any = None
 
   def init(self, params, traced, layouts=None):
     leaves, treedef = jax.tree.flatten(params)
     layouts = layouts or _diagonal_layouts(params)
-    zeros = [jnp.zeros(layout.shape if layout.trainable else (),
-                       state_dtype(jnp.result_type(leaf), self.dtype))
-             for leaf, layout in zip(leaves, layouts)]
-    return EigenspaceAdamState(jnp.zeros([], jnp.int32), treedef.unflatten(zeros),
-                               treedef.unflatten(zeros))
+    zeros = lambda: treedef.unflatten([  # mu and nu: two buffers, never one aliased twice
+        jnp.zeros(layout.shape if layout.trainable else (),
+                  state_dtype(jnp.result_type(leaf), self.dtype))
+        for leaf, layout in zip(leaves, layouts)])
+    return EigenspaceAdamState(jnp.zeros([], jnp.int32), zeros(), zeros())
 
   def apply(self, updates, state, params, traced):
     b1, b2, eps = join_hyperparams(tuple, self.static_hp, traced)
-    message, plain = protocol.as_message(
-        updates, params, _diagonal_layouts,
-        lambda tree, layouts: protocol.leaf_dtypes(tree, layouts, self.dtype))
-    if plain:
-      protocol.check_shapes(updates, state.mu, message.layouts)
+    message, plain = protocol.as_message(updates, params, _diagonal_layouts, state.mu)
     gates = message.gates
     moves = gates.active & ~gates.first
     b1_keep, b1_take = ema_coefficients(b1, moves)
@@ -295,7 +301,8 @@ class AdamSpec(protocol.Spec):
       if record is None:
         outs.append(None), mus.append(mu), nus.append(nu)
         continue
-      grad = replica_mean(jnp.mean(record.grads, axis=0), message.replica_axis)
+      grad = zero_unless(gates.active,
+                         replica_mean(jnp.mean(record.grads, axis=0), message.replica_axis))
       mu_view, nu_view = as_view(mu, layout), as_view(nu, layout)
       new_mu = (b1_keep * mu_view + b1_take * grad).astype(mu.dtype)
       new_nu = (b2_keep * nu_view + b2_take * grad * grad).astype(nu.dtype)
@@ -316,5 +323,8 @@ def eigenspace_adam(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, *,
   The first call of a composition only initialises (a zero direction). Chain a learning
   rate after it (`optax.scale_by_learning_rate`).
   """
+  check.check_beta("b1", b1)
+  check.check_beta("b2", b2)
+  check.check_non_negative("eps", eps)
   static_hp, traced_hp = split_hyperparams(AdamHyperparams(b1, b2, eps))
   return protocol.transformation(AdamSpec(static_hp, dtype=dtype), traced_hp)

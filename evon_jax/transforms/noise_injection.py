@@ -3,7 +3,7 @@
 `inject_noise(inner, key=..., mc_samples=...)` owns the finiteness skip, replica averaging,
 the noise (regenerated from the key that drew it, never stored), drop-in vs explicit mode,
 Monte-Carlo accumulation, phasing, and the next sample: it reads the posterior from its inner
-state and draws it with one rotation out (`_protocol.draw`, which `training_samples` and the
+state and draws it with one rotation out (`evon_jax.readout.bubble.draw`, which `training_samples` and the
 posterior read-outs use as well).
 """
 
@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from evon_jax import _validation as check
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     all_finite, as_typed_key, check_tree, leaf_names, replica_mean, sample_seeds,
@@ -110,6 +111,7 @@ class NoiseSpec(protocol.Spec):
   def init(self, params, traced, layouts=None):
     inner_traced, key = traced
     inner = self.inner.init(params, inner_traced)
+    key = as_typed_key(key)
     pending = None
     if self.accumulates:
       k = self.mc_samples - 1
@@ -117,11 +119,10 @@ class NoiseSpec(protocol.Spec):
                 for r in inner.posterior_records()]
       grads = [jnp.zeros((k,) + (jnp.shape(p) if r is not None else ()), d)
                for p, r, d in zip(jax.tree.leaves(params), inner.posterior_records(), dtypes)]
-      pending = (jax.tree.structure(params).unflatten(grads),
-                 jax.random.split(as_typed_key(key), k))
+      pending = (jax.tree.structure(params).unflatten(grads), jax.random.split(key, k))
     return InjectNoiseState(
         count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32),
-        key=as_typed_key(key), noise_scale=jnp.zeros([], jnp.float32), pending=pending,
+        key=key, noise_scale=jnp.zeros([], jnp.float32), pending=pending,
         inner=inner)
 
   # ------------------------------------------------------------------- per call
@@ -296,6 +297,12 @@ def inject_noise(inner, *, key=0, mc_samples: int = 1, drop_in: bool = True,
       own samples).
   """
   spec, traced = protocol.spec_of(inner, "inject_noise")
+  if not protocol.holds_posterior(spec):
+    raise TypeError(
+        "inject_noise wraps a piece that keeps a posterior: eigenspace_ivon(...) (IVON) or "
+        f"eigenbasis_refresh(eigenspace_ivon(...), ...) (EVON), got {type(spec).__name__}.")
+  check.check_static_int("mc_samples", mc_samples, 1)
+  check.check_replicas(axis_name, replica_noise)
   noise_spec = NoiseSpec(spec.without_updates(), mc_samples=int(mc_samples),
                          drop_in=bool(drop_in), phasing=bool(phasing), replicas=axis_name,
                          replica_noise=replica_noise)
@@ -303,7 +310,11 @@ def inject_noise(inner, *, key=0, mc_samples: int = 1, drop_in: bool = True,
 
 
 def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
-  """The parameters at which explicit mode expects the next gradients (see `evon`)."""
+  """The parameters at which explicit mode expects the next gradients (see `evon`).
+
+  Pass `axis_name` exactly when the optimizer runs with `replica_noise='independent'` (each
+  replica draws, and its update regenerates, its own samples); otherwise leave it None.
+  """
   from evon_jax.readout.locate import find_state
   state = find_state(opt_state, InjectNoiseState)
   first = 0

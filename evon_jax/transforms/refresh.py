@@ -20,6 +20,7 @@ from evon_jax.maths.layout import as_view, from_view, state_dtype, tree_layouts
 from evon_jax.maths.kronecker import (
     bases_to_storage, empty_bases, ema, factor_statistics, mean_factor_statistics, num_slots,
     rotate_in, rotate_out, storage_to_bases)
+from evon_jax import _validation as check
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     join_hyperparams, replica_mean, split_hyperparams, zero_unless)
@@ -33,6 +34,15 @@ def _full_layouts(tree):
 def _storage_dtypes(tree, requested):
   """Per leaf, the dtype its factors and bases are kept in (float32 for frozen leaves)."""
   return [state_dtype(jnp.result_type(leaf), requested) for leaf in jax.tree.leaves(tree)]
+
+
+def _stored_dtypes(stored: tuple, reference, requested):
+  """The per-leaf dtypes a state already stores its axis slots in (so an update never changes
+  them, e.g. with float32 gradients of float64 params and no `params`); from `reference`
+  when there are no slots."""
+  if stored:
+    return [x.dtype for x in jax.tree.leaves(stored[0])]
+  return _storage_dtypes(reference, requested)
 
 
 # ----------------------------------------------------------------------------- factor EMA
@@ -90,9 +100,11 @@ class FactorSpec(protocol.Spec):
     return jax.tree.map(lambda n, o: n.astype(o.dtype), new, factors)
 
   def apply(self, updates, state, params, traced):
-    message, plain = protocol.as_message(
-        updates, params, _full_layouts, lambda tree, _: _storage_dtypes(tree, self.dtype))
     reference = updates if params is None else params
+    dtypes = _stored_dtypes(state.factors, reference, self.dtype)
+    like = jax.tree.structure(reference).unflatten(  # shapes and dtypes only: dead code
+        [jnp.zeros(jnp.shape(x), d) for x, d in zip(jax.tree.leaves(reference), dtypes)])
+    message, plain = protocol.as_message(updates, params, _full_layouts, like)
     treedef = jax.tree.structure(reference)
     layouts = message.layouts
     per_leaf = storage_to_bases(state.factors, treedef, layouts)
@@ -104,8 +116,7 @@ class FactorSpec(protocol.Spec):
       statistic = self.leaf_statistic(record, layout, traced, message.gates.active,
                                       message.replica_axis)
       new.append(self.leaf_update(factors, statistic, message.gates.active, traced))
-    stored = bases_to_storage(new, layouts, treedef, len(state.factors),
-                              _storage_dtypes(reference, self.dtype))
+    stored = bases_to_storage(new, layouts, treedef, len(state.factors), dtypes)
     return updates, KroneckerFactorState(stored)
 
 
@@ -123,9 +134,14 @@ def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient
       (the mean of per-sample statistics, one per Monte-Carlo sample).
     regularization: δ: the statistics of ``G + δ θ`` (the gradient of the regularized loss
       at the sampled point θ), whose outer product has the Hessian's eigenvectors at the
-      optimum (EVON's `factor_gradient='regularized'`).
+      optimum (EVON's `factor_gradient='regularized'`). The sampled points come from
+      `inject_noise`: a factor EMA or refresh used on plain gradients has none, and reads δ
+      as 0.
     dtype: dtype of the factors (default float32, wider if params are wider).
   """
+  check.check_beta("decay", decay)
+  check.check_non_negative("regularization", regularization)
+  check.check_choice("statistic", statistic, ("mean_gradient", "per_sample"))
   static_hp, traced_hp = split_hyperparams(FactorHyperparams(decay, regularization))
   spec = FactorSpec(static_hp, statistic=statistic, dtype=dtype)
   return protocol.transformation(spec, traced_hp)
@@ -207,14 +223,13 @@ class RefreshSpec(protocol.Spec):
 
   def apply(self, updates, state, params, traced):
     inner_traced, factor_traced = traced
+    # The inner's first eigen buffer (IVON's mean, Adam's mu) is params-shaped in the
+    # statistics dtype: a plain gradient tree is checked against it.
     message, plain = protocol.as_message(
-        updates, params, self.layouts, lambda tree, _: _storage_dtypes(tree, self.dtype))
+        updates, params, self.layouts, getattr(state.inner, type(state.inner).eigen_fields[0]))
     reference = updates if params is None else params
     treedef = jax.tree.structure(reference)
     layouts = message.layouts
-    if plain:
-      protocol.check_shapes(updates, getattr(state.inner, type(state.inner).eigen_fields[0]),
-                            layouts)
     gates = message.gates._replace(first=message.gates.first | (state.count == 0))
     bases = storage_to_bases(state.bases, treedef, layouts)
     eigen = [None if rec is None else protocol.EigenGradients(
@@ -249,7 +264,7 @@ class RefreshSpec(protocol.Spec):
       for column, value in zip(buffers, carried):
         column[i] = from_view(value, layout)
 
-    dtypes = _storage_dtypes(reference, self.dtype)
+    dtypes = _stored_dtypes(state.bases, reference, self.dtype)
     slots = len(state.bases)
     inner_state = inner_state._replace(
         **{name: treedef.unflatten(column) for name, column in zip(names, buffers)})
@@ -303,6 +318,14 @@ def eigenbasis_refresh(
     rotation_precision: `jax.lax.Precision` of the per-step rotations.
   """
   inner_spec, inner_traced = protocol.spec_of(inner, "eigenbasis_refresh")
+  if not protocol.is_diagonal(inner_spec):
+    raise TypeError("eigenbasis_refresh wraps a diagonal method: eigenspace_ivon(...) or "
+                    f"eigenspace_adam(...), got {type(inner_spec).__name__}.")
+  check.check_static_int("precondition_frequency", precondition_frequency, 1)
+  check.check_static_int("max_precond_dim", max_precond_dim, 0)
+  check.check_choice("refresh_method", refresh_method, ("power_qr", "eigh"))
+  check.check_stacked_dims(stacked_dims)
+  check.check_dimension_numbers(dimension_numbers, merge_dims)
   factor_spec, factor_traced = protocol.spec_of(factors, "eigenbasis_refresh(factors=...)")
   if not isinstance(factor_spec, FactorSpec):
     raise TypeError("eigenbasis_refresh: `factors` must be evon_jax.kronecker_factor_ema(...).")
