@@ -316,22 +316,6 @@ def make_optimizer(args: argparse.Namespace, num_train_tokens: int):
 # ----------------------------------------------------------------------------- posterior
 
 
-def _fill_masked(evon_tree, params, num_samples: int | None = None):
-  """Completes a posterior tree read out of a partition state with the loop's other leaves.
-
-  Leaves the EVON/IVON optimizer does not own appear as ``optax.MaskedNode``; those take the
-  (deterministic) values the loop holds, broadcast over the sample axis when there is one.
-  """
-
-  def fill(param, value):
-    if isinstance(value, optax.MaskedNode):
-      return param if num_samples is None else jnp.broadcast_to(
-          param, (num_samples,) + param.shape)
-    return value
-
-  return jax.tree.map(fill, params, evon_tree)
-
-
 def is_bayesian(name: str) -> bool:
   return name in ("ivon", "evon")
 
@@ -340,7 +324,7 @@ def posterior_mean(name: str, params, opt_state):
   """Parameters at the posterior mean (the final parameters for AdamW/SOAP)."""
   if not is_bayesian(name):
     return params
-  return _fill_masked(evon_jax.posterior.mean(opt_state), params)
+  return evon_jax.posterior.mean(opt_state, params)  # AdamW's leaves taken from params
 
 
 # ----------------------------------------------------------------------------- training
@@ -425,12 +409,8 @@ def evaluate(apply_fn: Callable, params, windows: np.ndarray, batch: int) -> flo
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _total_bma_nll(apply_fn: Callable, num_samples: int, params, opt_state, key, windows,
                    weight):
-
-  def apply_part(evon_part, tokens):
-    return apply_fn(_fill_masked(evon_part, params), tokens)
-
-  probs = predictive.sample_predictive(apply_part, opt_state, windows[:, :-1], key,
-                                       num_samples)
+  probs = predictive.sample_predictive(apply_fn, opt_state, windows[:, :-1], key,
+                                       num_samples, params=params)
   picked = jnp.take_along_axis(probs, windows[None, :, 1:, None], axis=-1)[..., 0]
   bma = jnp.maximum(jnp.mean(picked, axis=0), jnp.finfo(probs.dtype).tiny)
   return -jnp.sum(jnp.log(bma) * weight[:, None])

@@ -71,8 +71,7 @@ def test_posterior_inside_partition_keeps_adamw_leaves(train_lm):
   mean = train_lm.posterior_mean("evon", params, state)
   np.testing.assert_array_equal(mean["embed"], params["embed"])
   assert not np.allclose(mean["blocks"]["w"], params["blocks"]["w"])  # loop holds a sample
-  samples = train_lm._fill_masked(evon_jax.posterior.sample(jax.random.key(0), state, 4),
-                                  params, 4)
+  samples = evon_jax.posterior.sample(jax.random.key(0), state, 4, params=params)
   assert samples["embed"].shape == (4, 4, 2) and samples["blocks"]["w"].shape == (4, 3, 2)
 
 

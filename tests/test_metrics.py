@@ -204,3 +204,21 @@ def test_metrics_jit():
   for fn in (metrics.ood_auroc, metrics.ood_aupr, metrics.fpr_at_95_tpr):
     np.testing.assert_allclose(jax.jit(fn)(probs[:, 0], probs[:20, 1]),
                                fn(probs[:, 0], probs[:20, 1]), **TOL)
+
+
+def test_metrics_reject_logits_one_hot_and_float_labels():
+  probs = jnp.array([[0.2, 0.8], [0.6, 0.4]])
+  labels = jnp.array([1, 0])
+  logits = jnp.array([[-1.0, 2.0], [0.5, -0.3]])
+  for fn in (metrics.nll, metrics.accuracy, metrics.expected_calibration_error,
+             metrics.brier_score):
+    with pytest.raises(ValueError, match="Logits"):
+      fn(logits, labels)
+    with pytest.raises(ValueError, match="One-hot"):
+      fn(probs, jax.nn.one_hot(labels, 2))
+    with pytest.raises(ValueError, match="integer class indices"):
+      fn(probs, labels.astype(jnp.float32))
+    with pytest.raises(ValueError, match="rows of probs"):
+      fn(probs, labels[:1])
+    # Valid inputs pass, also under jit (where only shapes are checked).
+    np.testing.assert_allclose(jax.jit(fn)(probs, labels), fn(probs, labels), rtol=1e-6)

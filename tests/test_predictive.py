@@ -205,3 +205,20 @@ def test_linearized_predictive_batching_and_jit():
   # A different key draws different samples.
   other = predictive.linearized_sample_predictive(_mlp, state, x, jax.random.key(8), 7)
   assert not np.allclose(other, full)
+
+
+def test_predictives_take_params_under_partition():
+  """Under optax.partition the leaves AdamW owns come from `params`; an int seed is a key."""
+  params = {"w": jnp.ones((4, 3)) * 0.1, "b": jnp.full(3, 0.5)}
+  tx = optax.partition({"evon": evon_jax.evon(0.1, ess=40.0, hess_init=1.0),
+                        "adam": optax.adam(1e-3)}, {"w": "evon", "b": "adam"})
+  state = tx.init(params)
+  x = jnp.ones((5, 4))
+  for fn in (predictive.bayesian_model_average, predictive.linearized_predictive):
+    probs = fn(_apply, state, x, 0, 4, params=params)
+    assert probs.shape == (5, 3) and bool(jnp.all(jnp.isfinite(probs)))
+    # At the first state the posterior is centred at params: the mean network's softmax.
+  mean_probs = predictive.mean_predictive(_apply, state, x, params=params)
+  np.testing.assert_allclose(mean_probs, jax.nn.softmax(_apply(params, x), axis=-1), atol=1e-6)
+  np.testing.assert_array_equal(posterior.sample(0, state, 2, params=params)["b"],
+                                jnp.broadcast_to(params["b"], (2, 3)))

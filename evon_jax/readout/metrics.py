@@ -31,6 +31,34 @@ def _safe_log(probs: jax.Array) -> jax.Array:
   return jnp.log(jnp.clip(probs, jnp.finfo(probs.dtype).tiny, 1.0))
 
 
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_classification(probs, labels, where: str):
+  """Clear errors for what these metrics are most often handed by mistake: one-hot or float
+  labels, mismatched lengths, and logits or unnormalised scores instead of probabilities
+  (checked on concrete inputs; under `jit` only the shapes are)."""
+  probs, labels = jnp.asarray(probs), jnp.asarray(labels)
+  if probs.ndim != 2:
+    raise ValueError(f"{where}: probs must be (n, num_classes), got shape {probs.shape}.")
+  if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+    hint = (" One-hot labels? Pass labels.argmax(-1)." if labels.ndim == 2 else "")
+    raise ValueError(f"{where}: labels must be integer class indices of shape (n,), got "
+                     f"shape {labels.shape} and dtype {labels.dtype}.{hint}")
+  if labels.shape[0] != probs.shape[0]:
+    raise ValueError(f"{where}: {probs.shape[0]} rows of probs but {labels.shape[0]} labels.")
+  if _is_concrete(probs) and probs.size:
+    low, high = float(jnp.min(probs)), float(jnp.max(probs))
+    row_error = float(jnp.max(jnp.abs(jnp.sum(probs, axis=-1) - 1.0)))
+    if low < 0.0 or high > 1.0 or row_error > 1e-3:
+      raise ValueError(
+          f"{where}: probs must be probabilities (entries in [0, 1], rows summing to 1); got "
+          f"entries in [{low:.3g}, {high:.3g}], rows off by up to {row_error:.3g}. Logits? "
+          "Pass jax.nn.softmax(logits, axis=-1).")
+  return probs, labels
+
+
 def _label_probs(probs: jax.Array, labels: jax.Array) -> jax.Array:
   """p(label_i | x_i), shape (n,)."""
   return jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
@@ -44,11 +72,13 @@ def nll(probs: jax.Array, labels: jax.Array) -> jax.Array:
     >>> float(nll(jnp.array([[0.5, 0.5], [0.25, 0.75]]), jnp.array([0, 1])))  # doctest: +ELLIPSIS
     0.490...
   """
+  probs, labels = _check_classification(probs, labels, "nll")
   return -jnp.mean(_safe_log(_label_probs(probs, labels)))
 
 
 def accuracy(probs: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of inputs whose most probable class (first one on ties) is the label."""
+  probs, labels = _check_classification(probs, labels, "accuracy")
   return jnp.mean(jnp.argmax(probs, axis=-1) == labels)
 
 
@@ -71,6 +101,7 @@ def expected_calibration_error(probs: jax.Array, labels: jax.Array,
   Returns:
     A scalar in ``[0, 1]``.
   """
+  probs, labels = _check_classification(probs, labels, "expected_calibration_error")
   confidence = jnp.max(probs, axis=-1)
   correct = (jnp.argmax(probs, axis=-1) == labels).astype(confidence.dtype)
   bins = jnp.clip(jnp.ceil(confidence * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
@@ -88,6 +119,7 @@ def reliability_bins(probs: jax.Array, labels: jax.Array,
     count 0 and confidence = accuracy = 0 (mask them with ``count > 0`` when plotting).
     ``sum(count * |accuracy - confidence|) / n`` is the ECE.
   """
+  probs, labels = _check_classification(probs, labels, "reliability_bins")
   confidence = jnp.max(probs, axis=-1)
   correct = (jnp.argmax(probs, axis=-1) == labels).astype(confidence.dtype)
   bins = jnp.clip(jnp.ceil(confidence * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
@@ -100,6 +132,7 @@ def reliability_bins(probs: jax.Array, labels: jax.Array,
 
 def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
   """Multi-class Brier score ``1/n Σ_i Σ_k (p_ik - 1[k = y_i])²`` (in ``[0, 2]``, lower is better)."""
+  probs, labels = _check_classification(probs, labels, "brier_score")
   one_hot = jax.nn.one_hot(labels, probs.shape[-1], dtype=probs.dtype)
   return jnp.mean(jnp.sum(jnp.square(probs - one_hot), axis=-1))
 

@@ -20,6 +20,7 @@ import optax
 
 from evon_jax.maths.layout import LeafLayout, as_view, from_view
 from evon_jax.readout.locate import find_state
+from evon_jax.transforms._common import as_typed_key
 from evon_jax.readout.bubble import SoapBubble, draw, records as bubble_records
 from evon_jax.maths.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases, stored_layouts_of
 from evon_jax.transforms import (
@@ -162,6 +163,7 @@ def sample_deviation(key: jax.Array, opt_state, num_samples: Optional[int] = Non
 
 
 def _draw(key, opt_state, num_samples, centered):
+  key = as_typed_key(key)  # an int seed works wherever a key does
   state = bubble(opt_state)
   count = 1 if num_samples is None else num_samples
   leaf_keys = jax.random.split(key, len(jax.tree.leaves(state.mean)))

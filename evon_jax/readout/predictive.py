@@ -34,19 +34,23 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
-                      num_samples: int) -> jax.Array:
+                      num_samples: int, *, params=None) -> jax.Array:
   """Softmax probabilities under ``num_samples`` posterior weight samples.
 
   Draws the weights with `evon_jax.posterior.sample` and maps the model over them with
   `jax.vmap` (memory grows with ``num_samples``; call repeatedly on batches of inputs with the
   same key for consistent samples).
 
+  `params`: under `optax.partition` / `masked`, the loop's params, whose values fill the
+  leaves another optimizer owns (as in `evon_jax.posterior.sample`); every predictive here
+  takes it.
+
   Returns:
     ``(num_samples, *logits_shape)`` probabilities; ``mean(axis=0)`` is the Bayesian model
     average, and `evon_jax.metrics.mutual_information` takes this array directly.
   """
-  return probabilities_of_samples(apply_fn, posterior.sample(key, opt_state, num_samples),
-                                  inputs)
+  return probabilities_of_samples(
+      apply_fn, posterior.sample(key, opt_state, num_samples, params=params), inputs)
 
 
 def probabilities_of_samples(apply_fn: ApplyFn, weights, inputs: jax.Array) -> jax.Array:
@@ -59,7 +63,7 @@ def probabilities_of_samples(apply_fn: ApplyFn, weights, inputs: jax.Array) -> j
 
 
 def bayesian_model_average(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
-                           num_samples: int) -> jax.Array:
+                           num_samples: int, *, params=None) -> jax.Array:
   r"""Monte-Carlo Bayesian model average ``1/S Σ_s softmax(f(x; W_s))``, ``W_s ~ q``.
 
   Example:
@@ -73,16 +77,19 @@ def bayesian_model_average(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key:
     >>> probs.shape
     (4, 2)
   """
-  return jnp.mean(sample_predictive(apply_fn, opt_state, inputs, key, num_samples), axis=0)
+  return jnp.mean(sample_predictive(apply_fn, opt_state, inputs, key, num_samples,
+                                    params=params), axis=0)
 
 
-def mean_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array) -> jax.Array:
+def mean_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, *,
+                    params=None) -> jax.Array:
   """Softmax probabilities at the posterior mean (the point estimate ``softmax(f(x; M))``)."""
-  return jax.nn.softmax(apply_fn(posterior.mean(opt_state), inputs), axis=-1)
+  return jax.nn.softmax(apply_fn(posterior.mean(opt_state, params), inputs), axis=-1)
 
 
 def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
-                      num_samples: int, *, batch_size: Optional[int] = None) -> jax.Array:
+                      num_samples: int, *, batch_size: Optional[int] = None,
+                      params=None) -> jax.Array:
   r"""Logits of the network linearised at the posterior mean, under posterior samples.
 
   ``f_lin(x; W_s) = f(x; M) + J_M(x) (W_s - M)``, with ``J_M(x) = ∂f(x; W)/∂W`` at the mean
@@ -106,11 +113,13 @@ def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
     key: PRNG key of the weight samples (fix it for reproducible predictions).
     num_samples: number of weight samples ``S`` (static under `jax.jit`).
     batch_size: if given, the JVPs run ``batch_size`` samples at a time (static).
+    params: fills the leaves another optimizer owns under `optax.partition` / `masked`
+      (their deviation is zero).
 
   Returns:
     ``(num_samples, *logits_shape)`` linearised logits.
   """
-  mean = posterior.mean(opt_state)
+  mean = posterior.mean(opt_state, params)
   leaves, treedef = jax.tree.flatten(mean)
   # Integer/bool leaves (step counters, frozen indices) stay constants: `jax.linearize` has no
   # tangent space for them.
@@ -124,7 +133,8 @@ def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
       lambda values: apply_fn(with_floating(values), inputs),
       [leaf for leaf, f in zip(leaves, floating) if f])
   deviations = [d for d, f in zip(
-      treedef.flatten_up_to(posterior.sample_deviation(key, opt_state, num_samples)), floating)
+      treedef.flatten_up_to(posterior.sample_deviation(key, opt_state, num_samples,
+                                                       params=params)), floating)
       if f]
 
   def one(deviation):
@@ -137,7 +147,7 @@ def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
 
 def linearized_sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array,
                                  key: jax.Array, num_samples: int, *,
-                                 batch_size: Optional[int] = None) -> jax.Array:
+                                 batch_size: Optional[int] = None, params=None) -> jax.Array:
   """Per-sample softmax probabilities of the linearised network (see `linearized_logits`).
 
   Returns:
@@ -146,12 +156,13 @@ def linearized_sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array
     `evon_jax.metrics.mutual_information` takes it directly).
   """
   logits = linearized_logits(apply_fn, opt_state, inputs, key, num_samples,
-                             batch_size=batch_size)
+                             batch_size=batch_size, params=params)
   return jax.nn.softmax(logits, axis=-1)
 
 
 def linearized_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
-                          num_samples: int, *, batch_size: Optional[int] = None) -> jax.Array:
+                          num_samples: int, *, batch_size: Optional[int] = None,
+                          params=None) -> jax.Array:
   r"""Linearised (GLM) predictive ``1/S Σ_s softmax(f(x; M) + J_M(x)(W_s - M))``, ``W_s ~ q``.
 
   The posterior is pushed through the network's first-order expansion at the mean instead of
@@ -186,4 +197,4 @@ def linearized_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: 
     networks, 2019.
   """
   return jnp.mean(linearized_sample_predictive(apply_fn, opt_state, inputs, key, num_samples,
-                                               batch_size=batch_size), axis=0)
+                                               batch_size=batch_size, params=params), axis=0)
