@@ -13,21 +13,6 @@ from evon_jax.transforms import (
     eigenbasis_refresh, eigenspace_ivon, inject_noise, kronecker_factor_ema)
 
 
-def _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
-                  clip_radius):
-  check.check_learning_rate(learning_rate)
-  check.check_positive("ess", ess)
-  check.check_positive("hess_init", hess_init)
-  check.check_beta("b1", b1)
-  check.check_beta("b2", b2)
-  check.check_non_negative("weight_decay", weight_decay)
-  check.check_static_int("mc_samples", mc_samples, 1)
-  check.check_non_negative("clip_radius", clip_radius, allow_inf=True)
-  v = check._concrete(clip_radius)
-  if v is not None and v == 0:
-    raise ValueError("clip_radius must be > 0 (use math.inf for no clipping).")
-
-
 def _dtype_or_none(dtype):
   """A floating dtype, or None; a clear error for anything else."""
   if dtype is None:
@@ -39,11 +24,6 @@ def _dtype_or_none(dtype):
   if not jnp.issubdtype(resolved, jnp.floating):
     raise ValueError(f"momentum_dtype must be a floating dtype, got {resolved}.")
   return resolved
-
-
-def _is_infinite(value) -> bool:
-  v = check._concrete(value)
-  return v is not None and math.isinf(v)
 
 
 def evon(
@@ -179,8 +159,7 @@ def evon(
     arXiv 2606.23357, 2026. Shen et al., Variational Learning is Effective for Large Deep
     Networks, arXiv 2402.17641, 2024.
   """
-  _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
-                clip_radius)
+  # The pieces validate their own arguments (learning rate, ess, betas, mc_samples, ...).
   if shampoo_b is not None:
     check.check_beta("shampoo_b", shampoo_b)
   check.check_non_negative("eps", eps)
@@ -251,8 +230,7 @@ def ivon(
   References:
     Shen et al., Variational Learning is Effective for Large Deep Networks, ICML 2024.
   """
-  _check_common(learning_rate, ess, hess_init, b1, b2, weight_decay, mc_samples,
-                clip_radius)
+  # The pieces validate their own arguments (learning rate, ess, betas, mc_samples, ...).
   check.check_replicas(axis_name, replica_noise)
   return inject_noise(
       eigenspace_ivon(

@@ -234,6 +234,8 @@ def eigenspace_ivon(
   if hess_clip_ratio is not None:
     check.check_positive("hess_clip_ratio", hess_clip_ratio)
   check.check_non_negative("clip_radius", clip_radius, allow_inf=True)
+  if check._concrete(clip_radius) == 0:
+    raise ValueError("clip_radius must be > 0 (use math.inf for no clipping).")
   hp = IvonHyperparams(learning_rate, ess, hess_init, b1, b2, eps, weight_decay,
                        hess_clip_ratio, clip_radius)
   static_hp, traced_hp = split_hyperparams(hp)
