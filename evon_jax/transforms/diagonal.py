@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax.maths import ivon_update as ivon_step, whitening
-from evon_jax.readout.bubble import SoapBubble, records as bubble_records
+from evon_jax.readout.bubble import SoapBubble
 from evon_jax.maths.gates import ema_coefficients, scale_if
 from evon_jax.maths.layout import as_view, from_view, state_dtype, tree_layouts
 from evon_jax import _validation as check
@@ -67,10 +67,6 @@ class EigenspaceIvonState(NamedTuple):
   def bubble(self) -> SoapBubble:
     """The posterior, without bases (the coordinates it was handed in)."""
     return SoapBubble(self.mean, self.hessian, (), (), self.ess, self.weight_decay)
-
-  def posterior_records(self) -> list:
-    return bubble_records(self.bubble())
-
 
 # The buffers `eigenbasis_refresh` re-expresses when the basis changes (a NamedTuple cannot
 # declare a class attribute in its body).

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import _validation as check
+from evon_jax.readout.bubble import records as bubble_records
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     all_finite, as_typed_key, check_tree, leaf_names, replica_mean, sample_seeds,
@@ -45,9 +46,6 @@ class InjectNoiseState(NamedTuple):
     """The posterior the optimizer holds (`evon_jax.posterior.bubble` finds it in wrappers)."""
     return self.inner.bubble()
 
-  def posterior_records(self) -> list:
-    return self.inner.posterior_records()
-
   # Read-only views of the posterior's buffers, as `evon_jax.evon`'s state always offered
   # them (eigen coordinates; bases and factors stored per axis slot, see `kronecker`).
   mean = property(lambda self: self.bubble().mean)
@@ -57,6 +55,11 @@ class InjectNoiseState(NamedTuple):
   ess = property(lambda self: self.bubble().ess)
   weight_decay = property(lambda self: self.bubble().weight_decay)
   momentum = property(lambda self: _innermost(self).momentum)
+
+
+def _records(state) -> list:
+  """Per leaf the Gaussian a state holds (`EigenPosterior`, None for frozen leaves)."""
+  return bubble_records(state.bubble())
 
 
 def _innermost(state):
@@ -115,10 +118,10 @@ class NoiseSpec(protocol.Spec):
     pending = None
     if self.accumulates:
       k = self.mc_samples - 1
-      dtypes = [r.mean.dtype if r is not None else jnp.float32
-                for r in inner.posterior_records()]
-      grads = [jnp.zeros((k,) + (jnp.shape(p) if r is not None else ()), d)
-               for p, r, d in zip(jax.tree.leaves(params), inner.posterior_records(), dtypes)]
+      records = _records(inner)
+      grads = [jnp.zeros((k,) + (jnp.shape(p) if r is not None else ()),
+                         jnp.float32 if r is None else r.mean.dtype)
+               for p, r in zip(jax.tree.leaves(params), records)]
       pending = (jax.tree.structure(params).unflatten(grads), jax.random.split(key, k))
     return InjectNoiseState(
         count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32),
@@ -181,8 +184,8 @@ class NoiseSpec(protocol.Spec):
     return protocol.Gates(active=active, first=count == 0, noisy=noisy,
                           factors_free=~noisy if self.phasing else jnp.asarray(True))
 
-  def _step(self, stacks, keys, state, params, traced, active):
-    records = state.inner.posterior_records()
+  def _step(self, stacks, keys, state, records, params, traced, active):
+    """The inner's step on these samples (records: the posterior they were drawn from)."""
     message = self._message(stacks, keys, params, records, state.noise_scale,
                             self._gates(state.count, active))
     return self.inner.apply(message, state.inner, params, traced)[1]
@@ -200,12 +203,12 @@ class NoiseSpec(protocol.Spec):
     def step(inner):  # the step's last call: the k samples, oldest first
       full = [None if s is None else jnp.concatenate([p, s])
               for s, p in zip(stacks, jax.tree.leaves(grads))]
-      return self._step(full, list(keys) + [state.key], state._replace(inner=inner), params,
-                        traced, complete)
+      return self._step(full, list(keys) + [state.key], state._replace(inner=inner),
+                        _records(inner), params, traced, complete)
 
     def first_step(inner):  # the first call stands alone (exactly, not as k copies)
-      return self._step(stacks, [state.key], state._replace(inner=inner), params, traced,
-                        complete)
+      return self._step(stacks, [state.key], state._replace(inner=inner), _records(inner),
+                        params, traced, complete)
 
     branch = jnp.where(complete, jnp.where(first, 1, 2), 0)
     inner = jax.lax.switch(branch, [lambda inner: inner, first_step, step], state.inner)
@@ -251,12 +254,13 @@ class NoiseSpec(protocol.Spec):
     finite = all_finite(updates, self.replicas)
     if self.replicas is not None and self.replica_noise == "shared":
       updates = replica_mean(updates, self.replicas)
-    stacks = self._gradient_stacks(updates, params, state.posterior_records())
+    records = _records(state.inner)
+    stacks = self._gradient_stacks(updates, params, records)
     pending = state.pending
     if self.accumulates:
       inner, pending = self._accumulated_step(stacks, state, params, inner_traced, finite)
     else:
-      inner = self._step(stacks, [state.key], state, params, inner_traced, finite)
+      inner = self._step(stacks, [state.key], state, records, params, inner_traced, finite)
     count = state.count + finite.astype(state.count.dtype)
     key = jax.lax.select(finite, jax.random.split(state.key)[0], state.key)
     # The next call's noise flag; in explicit mode the loop holds the mean while
@@ -266,7 +270,7 @@ class NoiseSpec(protocol.Spec):
     new_state = InjectNoiseState(
         count=count, skipped=state.skipped + (~finite).astype(state.skipped.dtype), key=key,
         noise_scale=noise_scale, pending=pending, inner=inner)
-    out = self._next_sample(inner.posterior_records(), params, key, noise_scale,
+    out = self._next_sample(_records(inner), params, key, noise_scale,
                             finite.astype(jnp.float32))
     return out, new_state
 
@@ -324,7 +328,7 @@ def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   means = state.bubble().mean
   treedef = jax.tree.structure(means)
   out = []
-  for i, (record, mean) in enumerate(zip(state.posterior_records(),
+  for i, (record, mean) in enumerate(zip(_records(state),
                                          treedef.flatten_up_to(means))):
     if record is None:
       out.append(jnp.broadcast_to(mean, (num_samples,) + jnp.shape(mean)))

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax.maths import eigenbasis
-from evon_jax.readout.bubble import records as bubble_records
 from evon_jax.maths.gates import ema_coefficients
 from evon_jax.maths.layout import as_view, from_view, state_dtype, tree_layouts
 from evon_jax.maths.kronecker import (
@@ -169,10 +168,6 @@ class EigenbasisRefreshState(NamedTuple):
   def bubble(self):
     """The inner's posterior, in these bases."""
     return self.inner.bubble()._replace(factors=self.factors.factors, bases=self.bases)
-
-  def posterior_records(self) -> list:
-    return bubble_records(self.bubble())
-
 
 @dataclasses.dataclass(frozen=True)
 class RefreshSpec(protocol.Spec):
