@@ -1,0 +1,129 @@
+"""How much an optimizer amplifies float noise: perturb the inputs by 1e-7, train 12 steps.
+
+A data-parallel run on N devices differs from the one-device run by float noise (another
+reduction order). An optimizer whose trajectory is a continuous function of its inputs
+keeps that difference near the noise; one whose basis jumps inside a degenerate eigenspace
+turns it into a different run. This measures it on a small tanh MLP whose first steps
+have rank-deficient Kronecker factors (batch 24 < width 48):
+
+    python -m benchmarks.sensitivity                 # table of max weight change
+    python -m benchmarks.sensitivity --json out.json
+
+The weight compared is the posterior mean for EVON and IVON (the params the loop holds are
+a sample) and the params for AdamW and SOAP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import evon_jax
+
+STEPS = 12
+RELATIVE_NOISE = 1e-7
+
+
+def mlp_problem(seed: int = 0, batch: int = 24, features: int = 12, width: int = 48,
+                outputs: int = 3):
+  """A tanh MLP regression: params, inputs, targets and a loss `(params, x, y) -> scalar`."""
+  rng = np.random.default_rng(seed)
+  sizes = [features, width, width, outputs]
+  params = {}
+  for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+    params[f"layer{i}"] = {
+        "kernel": jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32),
+        "bias": jnp.zeros(n, jnp.float32)}
+  inputs = jnp.asarray(rng.normal(size=(batch, features)), jnp.float32)
+  targets = jnp.asarray(rng.normal(size=(batch, outputs)), jnp.float32)
+
+  def loss(params, x, y):
+    h = x
+    for i in range(len(sizes) - 1):
+      layer = params[f"layer{i}"]
+      h = h @ layer["kernel"] + layer["bias"]
+      if i < len(sizes) - 2:
+        h = jnp.tanh(h)
+    return jnp.mean((h - y) ** 2)
+
+  return params, inputs, targets, loss
+
+
+def optimizers(ess: float = 24.0) -> dict[str, Callable[[], optax.GradientTransformation]]:
+  """The optimizers compared, each with a short learning rate suited to 12 steps."""
+  return {
+      "optax.adamw": lambda: optax.adamw(1e-2),
+      "IVON": lambda: evon_jax.ivon(1e-2, ess=ess, hess_init=1.0, key=0),
+      "SOAP": lambda: evon_jax.soap(1e-2, precondition_frequency=3),
+      "EVON (default, whitening)": lambda: evon_jax.evon(
+          1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, key=0),
+      "EVON (whiten=False)": lambda: evon_jax.evon(
+          1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, whiten=False, key=0),
+  }
+
+
+def weights(opt_state, params):
+  """The posterior mean when the state holds one, else the params."""
+  try:
+    return evon_jax.posterior.mean(opt_state, params=params)
+  except (ValueError, TypeError):
+    return params
+
+
+def train(make_tx, inputs, steps: int = STEPS, seed: int = 0):
+  params, _, targets, loss = mlp_problem(seed)
+  tx = make_tx()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params, inputs, targets)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return weights(state, params)
+
+
+def max_change(a, b) -> float:
+  return float(max(jnp.max(jnp.abs(x - y)) for x, y in
+                   zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def amplification(make_tx, *, seed: int = 0, noise_seed: int = 1,
+                  relative_noise: float = RELATIVE_NOISE, steps: int = STEPS) -> float:
+  """Max |Δ weight| after `steps` steps when the inputs change by `relative_noise`."""
+  _, inputs, _, _ = mlp_problem(seed)
+  direction = jax.random.normal(jax.random.key(noise_seed), inputs.shape, inputs.dtype)
+  perturbed = inputs * (1.0 + relative_noise * direction)
+  return max_change(train(make_tx, inputs, steps, seed),
+                    train(make_tx, perturbed, steps, seed))
+
+
+def table(seeds=(0, 1, 2)) -> dict[str, list[float]]:
+  return {name: [amplification(make, seed=s, noise_seed=s + 100) for s in seeds]
+          for name, make in optimizers().items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  results = table()
+  print("| optimizer | max weight change (seeds 0, 1, 2) |\n| --- | --- |")
+  for name, values in results.items():
+    print(f"| {name} | {' / '.join(f'{v:.1e}' for v in values)} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
