@@ -46,7 +46,7 @@ def evon(
     key=0,
     drop_in: bool = True,
     refresh_method: str = "power_qr",
-    factor_gradient: str = "loss",
+    factor_gradient: str = "regularized",
     factor_statistic: str = "mean_gradient",
     stagger_refresh: bool = False,
     clip_radius: float = math.inf,
@@ -100,8 +100,10 @@ def evon(
     key: int seed or a PRNG key for the noise.
     drop_in: see above.
     refresh_method: 'power_qr' (reference) or 'eigh' (exact; tracks close eigenvalues).
-    factor_gradient: 'loss' (reference) or 'regularized' — use g + δ θ at the sample, whose
-      outer product has the Hessian's eigenvectors at the optimum (removes a rank-one bias).
+    factor_gradient: 'regularized' (default) — the factor statistics use g + δ θ at the
+      sample, the gradient of the regularised objective, whose outer product has the
+      Hessian's eigenvectors at the optimum (one axpy; removes the rank-one bias that keeps
+      the reference from the exact covariance) — or 'loss' (the reference's g alone).
     factor_statistic: 'mean_gradient' (reference: outer product of the averaged gradient) or
       'per_sample' (average of per-sample outer products; no 1/mc_samples dilution).
     stagger_refresh: spread refreshes of different leaves over the period (flattens spikes).

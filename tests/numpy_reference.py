@@ -225,14 +225,18 @@ class EvonReference:
 
   `step` takes one gradient and noise (mc_samples=1) or lists of them (one per Monte-Carlo
   sample): g and g° are sample means, ĥ = mean_s(E°_s ⊙ G°_s) ess (H + δ), and the factors
-  use the outer product of the mean gradient g.
+  use the outer product of the mean gradient g — with `factor_gradient='regularized'` (the
+  default, as in `evon`) of the mean regularised gradient g + δ θ at the sampled points
+  (at the mean on the first call).
   """
 
   def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, shampoo_b=None,
                eps=1e-10, weight_decay=1e-6, precondition_frequency=10,
                max_precond_dim=10000, precondition_1d=False, hess_clip_ratio=None,
-               whiten=True, refresh_method='power_qr', view='matrix'):
+               whiten=True, refresh_method='power_qr', view='matrix',
+               factor_gradient='regularized'):
     mean = np.asarray(mean, np.float64)
+    self.factor_regularization = weight_decay if factor_gradient == 'regularized' else 0.0
     self.bases = _BASES[view](
         mean.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
         max_precond_dim=max_precond_dim, precondition_1d=precondition_1d)
@@ -255,7 +259,8 @@ class EvonReference:
 
   def first_call(self, grad):
     """Call 0: gradient at the mean initialises the factors and bases; no mean update."""
-    self.bases.init_from(self.bases.as_matrix(grad))
+    self.bases.init_from(
+        self.bases.as_matrix(grad) + self.factor_regularization * self.mean_matrix)
     self.initialised = True
 
   def step(self, grad, noise):
@@ -271,6 +276,8 @@ class EvonReference:
     noises_eig = [bases.rotate_in(bases.as_matrix(x)) for x in noises]
     g = np.mean([bases.as_matrix(x) for x in grads], axis=0)
     g_eig = np.mean(grads_eig, axis=0)
+    mean_noise = np.mean([bases.as_matrix(x) for x in noises], axis=0)
+    factor_grad = g + self.factor_regularization * (self.mean_matrix + mean_noise)
     self.t += 1
     hess_hat = np.mean([e * x for e, x in zip(noises_eig, grads_eig)], axis=0) * (
         self.ess * (self.hess + self.wd))
@@ -288,7 +295,7 @@ class EvonReference:
       shape = update.shape  # whitening acts on the matrix view (rows merged)
       update = whiten_update(update.reshape(bases.matrix_shape), bases.is_matrix).reshape(shape)
     self.mean_matrix = self.mean_matrix - self.lr * update
-    bases.update_factors(g)
+    bases.update_factors(factor_grad)
     if self.t % self.every == 0:
       self.momentum = bases.refresh(self.momentum, self.refresh_method)
 

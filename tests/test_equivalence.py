@@ -211,11 +211,13 @@ def _assert_bases_match(impl_bases, r, what):
     np.testing.assert_allclose(overlap, 1.0, atol=1e-4, err_msg=what)
 
 
-@pytest.mark.parametrize('whiten,hess_clip_ratio', [(False, None), (True, None), (False, 1.5)])
-def test_evon_matches_numpy_reference(whiten, hess_clip_ratio):
+@pytest.mark.parametrize('whiten,hess_clip_ratio,factor_gradient', [
+    (False, None, 'regularized'), (True, None, 'regularized'), (False, 1.5, 'regularized'),
+    (False, None, 'loss')])  # 'loss': the authors' factor statistic, one argument away
+def test_evon_matches_numpy_reference(whiten, hess_clip_ratio, factor_gradient):
   loss, params = make_problem(seed=2, with_conv=True)
   lr = 0.02
-  hyper = {**EVON_HYPER, 'hess_clip_ratio': hess_clip_ratio}
+  hyper = {**EVON_HYPER, 'hess_clip_ratio': hess_clip_ratio, 'factor_gradient': factor_gradient}
   tx = evon_jax.evon(lr, whiten=whiten, key=11, **hyper, **MATRIX_VIEW)
   calls = drop_in_trajectory(tx, params, loss, num_calls=26)  # 25 real steps, refresh at 10, 20
 

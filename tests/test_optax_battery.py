@@ -74,7 +74,10 @@ class Case(NamedTuple):
 # is < 3e-4. So 1e-2 (~10 posterior standard deviations) is the tolerance of the unwhitened
 # configs and of soap (Adam's steps shrink with its first moment). A whitened step has norm
 # lr per leaf whatever the gradient (Newton-Schulz / L2 normalisation), so with a constant lr
-# the mean ends in a cycle of radius ~lr about the optimum: those configs get 2.5 lr.
+# the mean ends in a cycle of radius ~lr about the optimum: those configs get 4 lr. Measured
+# for evon_precondition_1d (lr 0.02) over keys 0-7 x factor_gradient {regularized, loss}:
+# max error 0.062 (rosenbrock) and 0.048 (quadratic), medians 0.024 and 0.026; the 2.5 lr
+# bound used before was exceeded by 2 of those 16 runs.
 #
 # Decay rates and weight decays are close to the defaults but exactly representable in float32
 # with 1 - b exact too. The plain optimizers do arithmetic such as 1 - b2 on Python floats
@@ -91,9 +94,9 @@ _OPTIMIZERS_UNDER_TEST = (
     Case('soap', evon_jax.soap, dict(b1=_B1, b2=_B1, weight_decay=0.0, precondition_frequency=4),
          0.02, 1e-2),
     Case('ivon', evon_jax.ivon, dict(_BAYES, b2=_IVON_B2, weight_decay=2.0**-13), 0.1, 1e-2),
-    Case('evon', evon_jax.evon, _EVON, 0.02, 5e-2),
+    Case('evon', evon_jax.evon, _EVON, 0.02, 8e-2),
     Case('evon_no_whiten', evon_jax.evon, dict(_EVON, whiten=False), 0.1, 1e-2),
-    Case('evon_precondition_1d', evon_jax.evon, dict(_EVON, precondition_1d=True), 0.02, 5e-2),
+    Case('evon_precondition_1d', evon_jax.evon, dict(_EVON, precondition_1d=True), 0.02, 8e-2),
     Case('evon_mc_samples_2', evon_jax.evon, dict(_EVON, whiten=False, mc_samples=2), 0.1,
          1e-2),
     Case('evon_phasing', evon_jax.evon, dict(_EVON, whiten=False, phasing=True), 0.05, 1e-2),

@@ -51,7 +51,7 @@ def _run(tx, calls, drop_in=True, mc_samples=1):
 
 
 def _composed_evon(lr, *, ess, hess_init, whiten=True, mc_samples=1, drop_in=True,
-                   phasing=False, factor_gradient="loss", factor_statistic="mean_gradient",
+                   phasing=False, factor_gradient="regularized", factor_statistic="mean_gradient",
                    precondition_frequency=10, refresh_method="power_qr", stagger_refresh=False,
                    hess_clip_ratio=None, clip_radius=float("inf"), b2=0.9999, weight_decay=1e-6):
   """`evon`'s defaults and options spelled as the composition (docs/composition.md)."""
@@ -74,7 +74,7 @@ _EVON_CASES = {
     "drop_in_mc2": dict(whiten=False, mc_samples=2),
     "explicit_mc2": dict(whiten=False, mc_samples=2, drop_in=False),
     "phasing": dict(phasing=True, precondition_frequency=3),
-    "regularized": dict(factor_gradient="regularized", whiten=False),
+    "reference_loss_gradient": dict(factor_gradient="loss", whiten=False),
     "regularized_explicit_mc3": dict(factor_gradient="regularized", drop_in=False,
                                      mc_samples=3),
     "per_sample_drop_in_mc3": dict(factor_statistic="per_sample", mc_samples=3),
