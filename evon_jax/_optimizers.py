@@ -40,6 +40,7 @@ def evon(
     max_precond_dim: int = 10000,
     precondition_1d: bool = False,
     hess_clip_ratio: Optional[float] = None,
+    hessian_baseline: Optional[str] = "momentum",
     whiten: bool = True,
     phasing: bool = False,
     mc_samples: int = 1,
@@ -93,6 +94,10 @@ def evon(
     max_precond_dim: an axis longer than this keeps the identity basis (static).
     precondition_1d: give 1-D leaves a full basis (else plain IVON on them).
     hess_clip_ratio: clip ĥ to ±ratio (H + eps); None disables.
+    hessian_baseline: 'momentum' (default): the Price estimate uses ``G° - b`` with ``b``
+      the bias-corrected momentum of the earlier steps — unbiased (the draw is independent
+      of b) and without the ``g(M)² ess (H+δ)`` variance that inflates H far from an optimum
+      at a large ess (see `eigenspace_ivon`); None: the reference's estimate.
     whiten: Newton–Schulz orthogonalise matrix updates, L2-normalise vector updates.
     phasing: alternate clean steps (no noise; factors updated; H kept) and noisy steps
       (noise; H updated; factors updated only on refresh steps). Odd real steps are clean.
@@ -181,7 +186,8 @@ def evon(
           eigenspace_ivon(
               learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, eps=eps,
               weight_decay=weight_decay, hess_clip_ratio=hess_clip_ratio,
-              clip_radius=clip_radius, whiten=whiten, dtype=dtype,
+              clip_radius=clip_radius, whiten=whiten, hessian_baseline=hessian_baseline,
+              dtype=dtype,
               momentum_dtype=_dtype_or_none(momentum_dtype)),
           factors=kronecker_factor_ema(b2 if shampoo_b is None else shampoo_b,
                                        statistic=factor_statistic,
@@ -205,6 +211,7 @@ def ivon(
     weight_decay: float = 1e-4,
     clip_radius: float = math.inf,
     rescale_lr: bool = True,
+    hessian_baseline: Optional[str] = "momentum",
     mc_samples: int = 1,
     key=0,
     drop_in: bool = True,
@@ -216,7 +223,8 @@ def ivon(
   r"""IVON (Improved Variational Online Newton): a diagonal Gaussian posterior.
 
   Exactly EVON with identity bases, ``eps = 0`` and no whitening: per parameter,
-  ``ĥ = E G / V``, ``m ← b1 m + (1-b1) g``, ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
+  ``ĥ = E (G - b) / V`` (b: the bias-corrected momentum of the earlier steps; 0 with
+  ``hessian_baseline=None``, the reference's estimate; see `evon`), ``m ← b1 m + (1-b1) g``, ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
   ``μ ← μ - lr' clip((m/(1-b1ᵗ) + δ μ)/(h + δ), clip_radius)`` with
   ``lr' = lr (hess_init + δ)`` when ``rescale_lr``. Posterior ``N(μ, 1/(ess (h + δ)))``.
   Drop-in and explicit modes, ``mc_samples``, ``key``, ``dtype``, ``momentum_dtype``,
@@ -238,6 +246,7 @@ def ivon(
       eigenspace_ivon(
           learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, eps=0.0,
           weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
-          dtype=dtype, momentum_dtype=_dtype_or_none(momentum_dtype)),
+          hessian_baseline=hessian_baseline, dtype=dtype,
+          momentum_dtype=_dtype_or_none(momentum_dtype)),
       key=key, mc_samples=mc_samples, drop_in=drop_in, axis_name=axis_name,
       replica_noise=replica_noise)

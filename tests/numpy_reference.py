@@ -59,6 +59,14 @@ def power_qr_refresh(factor: np.ndarray, basis: np.ndarray) -> np.ndarray:
   return q
 
 
+def hessian_baseline(momentum, b1, t, kind):
+  """The Price estimate's control variate at step t: the bias-corrected momentum of steps
+  1 .. t-1 ('momentum'; 0 at t = 1) or 0 (None, the reference's estimate)."""
+  if kind is None or t == 1:
+    return np.zeros_like(momentum)
+  return momentum / (1 - b1 ** (t - 1))
+
+
 def ivon_hessian_update(hess, hess_hat, b2, weight_decay):
   """IVON's positivity-preserving EMA of the Hessian estimate (ALGORITHM.md step 3)."""
   return (b2 * hess + (1 - b2) * hess_hat
@@ -69,7 +77,8 @@ class IvonReference:
   """Diagonal IVON (mc_samples=1) on one leaf; the step counter is per object."""
 
   def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, weight_decay,
-               clip_radius=np.inf, rescale_lr=True):
+               clip_radius=np.inf, rescale_lr=True, hessian_baseline='momentum'):
+    self.baseline = hessian_baseline
     self.mean = np.array(mean, dtype=np.float64)
     self.momentum = np.zeros_like(self.mean)
     self.hess = np.full_like(self.mean, hess_init)
@@ -83,7 +92,8 @@ class IvonReference:
     grad = np.asarray(grad, np.float64)
     noise = np.asarray(noise, np.float64)
     self.t += 1
-    hess_hat = noise * grad * self.ess * (self.hess + self.wd)
+    baseline = hessian_baseline(self.momentum, self.b1, self.t, self.baseline)
+    hess_hat = noise * (grad - baseline) * self.ess * (self.hess + self.wd)
     self.momentum = self.b1 * self.momentum + (1 - self.b1) * grad
     self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, self.wd)
     update = (self.momentum / (1 - self.b1 ** self.t) + self.wd * self.mean) / (
@@ -234,8 +244,9 @@ class EvonReference:
                eps=1e-10, weight_decay=1e-6, precondition_frequency=10,
                max_precond_dim=10000, precondition_1d=False, hess_clip_ratio=None,
                whiten=True, refresh_method='power_qr', view='matrix',
-               factor_gradient='regularized'):
+               factor_gradient='regularized', hessian_baseline='momentum'):
     mean = np.asarray(mean, np.float64)
+    self.baseline = hessian_baseline
     self.factor_regularization = weight_decay if factor_gradient == 'regularized' else 0.0
     self.bases = _BASES[view](
         mean.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
@@ -279,7 +290,8 @@ class EvonReference:
     mean_noise = np.mean([bases.as_matrix(x) for x in noises], axis=0)
     factor_grad = g + self.factor_regularization * (self.mean_matrix + mean_noise)
     self.t += 1
-    hess_hat = np.mean([e * x for e, x in zip(noises_eig, grads_eig)], axis=0) * (
+    baseline = hessian_baseline(self.momentum, self.b1, self.t, self.baseline)
+    hess_hat = np.mean([e * (x - baseline) for e, x in zip(noises_eig, grads_eig)], axis=0) * (
         self.ess * (self.hess + self.wd))
     self.clipped = 0  # number of entries of ĥ the clip changed this step
     if self.hess_clip_ratio is not None:

@@ -140,23 +140,27 @@ IVON_LR = 0.05
 
 
 @functools.lru_cache(maxsize=None)
-def _ivon_run(clip_radius):
+def _ivon_run(clip_radius, hessian_baseline='momentum'):
   """(initial params, calls) of ivon in drop-in mode; shared by two tests."""
   loss, params = make_problem(seed=0)
-  tx = evon_jax.ivon(IVON_LR, clip_radius=clip_radius, key=3, **IVON_HYPER)
+  tx = evon_jax.ivon(IVON_LR, clip_radius=clip_radius, key=3,
+                     hessian_baseline=hessian_baseline, **IVON_HYPER)
   return params, drop_in_trajectory(tx, params, loss, num_calls=31)
 
 
-@pytest.mark.parametrize('clip_radius', [np.inf, 0.05])
-def test_ivon_matches_numpy_reference(clip_radius):
+# hessian_baseline=None is the reference's (ivon-opt's) Price estimate, one argument away.
+@pytest.mark.parametrize('clip_radius,hessian_baseline',
+                         [(np.inf, 'momentum'), (0.05, 'momentum'), (np.inf, None)])
+def test_ivon_matches_numpy_reference(clip_radius, hessian_baseline):
   lr = IVON_LR
-  params, calls = _ivon_run(clip_radius)
+  params, calls = _ivon_run(clip_radius, hessian_baseline)
 
   # Call 0 sees the mean itself, only initialises, and does not move the mean.
   assert_tree_close(calls[0].sample, _np(params), 0, 0, 'call 0 sample')
   assert_tree_close(calls[0].mean_after, _np(params), 0, 0, 'call 0 mean')
 
-  refs = {k: ref.IvonReference(v, learning_rate=lr, clip_radius=clip_radius, **IVON_HYPER)
+  refs = {k: ref.IvonReference(v, learning_rate=lr, clip_radius=clip_radius,
+                               hessian_baseline=hessian_baseline, **IVON_HYPER)
           for k, v in _np(params).items()}
   standardized = []
   for i, call in enumerate(calls[1:], start=1):
@@ -211,13 +215,16 @@ def _assert_bases_match(impl_bases, r, what):
     np.testing.assert_allclose(overlap, 1.0, atol=1e-4, err_msg=what)
 
 
-@pytest.mark.parametrize('whiten,hess_clip_ratio,factor_gradient', [
-    (False, None, 'regularized'), (True, None, 'regularized'), (False, 1.5, 'regularized'),
-    (False, None, 'loss')])  # 'loss': the authors' factor statistic, one argument away
-def test_evon_matches_numpy_reference(whiten, hess_clip_ratio, factor_gradient):
+# The last case is the authors' EVON (loss-gradient factors, no Price baseline).
+@pytest.mark.parametrize('whiten,hess_clip_ratio,factor_gradient,hessian_baseline', [
+    (False, None, 'regularized', 'momentum'), (True, None, 'regularized', 'momentum'),
+    (False, 1.5, 'regularized', 'momentum'), (False, None, 'loss', None)])
+def test_evon_matches_numpy_reference(whiten, hess_clip_ratio, factor_gradient,
+                                      hessian_baseline):
   loss, params = make_problem(seed=2, with_conv=True)
   lr = 0.02
-  hyper = {**EVON_HYPER, 'hess_clip_ratio': hess_clip_ratio, 'factor_gradient': factor_gradient}
+  hyper = {**EVON_HYPER, 'hess_clip_ratio': hess_clip_ratio, 'factor_gradient': factor_gradient,
+           'hessian_baseline': hessian_baseline}
   tx = evon_jax.evon(lr, whiten=whiten, key=11, **hyper, **MATRIX_VIEW)
   calls = drop_in_trajectory(tx, params, loss, num_calls=26)  # 25 real steps, refresh at 10, 20
 

@@ -528,3 +528,74 @@ def test_flax_linen_train_state():
   after = float(loss_at_mean(state.opt_state))
   assert after < 0.5 * before, (before, after)
   assert int(state.step) == 30
+
+
+# ----------------------------------------------------------------------------------------------
+# optax's own targets (contrib/_common_test.py: parabola, Rosenbrock with b = 100, matrix
+# parabola, mixed 1-D/2-D) at the effective sample sizes of real datasets, with optax's
+# 30,000 steps and tolerance (3e-2 on the posterior mean).
+#
+# The Price estimate z g(θ)/σ has variance ~ g(M)² ess (H + δ): far from the optimum, at a
+# large ess, IVON's correction ½(1-b2)²(H-ĥ)²/(H+δ) then inflates H until an unwhitened step
+# stalls. The default `hessian_baseline='momentum'` subtracts the momentum from g (unbiased:
+# z is independent of it). Measured (posterior-mean error after 30k steps, ess 1e4 / 1e6 /
+# 1e8), with the baseline, max over the 12 (target, ess) pairs: EVON whiten=False 2.1e-3 and
+# 1.1e-2 (keys 0, 1); EVON whitened at lr 0.0015 5e-3 to 9.6e-3 (keys 0-3; a whitened step has
+# norm lr, so it ends in a cycle about the optimum: at lr 0.003 it was 2.4e-2); IVON 1.5e-3 and
+# 1.8e-3 (keys 0, 1). The 3e-2 bound is >= 2.7x the worst of these.
+# Without it (the reference's estimate) at ess 1e8: EVON whiten=False 11 / 7.3e-2 / 3.1 / 1.2
+# (H up to 7e5 where the true Hessian is 2), IVON on Rosenbrock 3.2 (H 4e9).
+# Rosenbrock's valley is diagonal-ill-conditioned (Hessian eigenvalues 1000 and 0.4 at the
+# optimum): EVON runs it with `precondition_1d` (a full basis for the 2-vector), as its
+# diagonal-only mode is IVON with b2 = 0.9999 and measured 1.7e-2 / 2.9e-2 / 6.1e-2.
+
+
+def _optax_targets():
+  t1, t2 = jnp.array([1.0, -1.0, 2.0]), jnp.array([[1.0, 0.0], [-1.0, 1.0]])
+  parabola_t, matrix_t = jnp.array([1.0, -1.0, 1.0]), jnp.array([[3.0, -2.0], [1.0, 4.0]])
+  return {
+      'parabola': (jnp.array([-1.0, 10.0, 1.0]), parabola_t,
+                   lambda p: jnp.sum((p - parabola_t) ** 2)),
+      'rosenbrock': (jnp.zeros(2), jnp.ones(2),
+                     lambda p: (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2),
+      'matrix': (jnp.zeros((2, 2)), matrix_t, lambda p: jnp.sum((p - matrix_t) ** 2)),
+      'mixed': ((jnp.zeros(3), jnp.zeros((2, 2))), (t1, t2),
+                lambda p: jnp.sum((p[0] - t1) ** 2) + jnp.sum((p[1] - t2) ** 2)),
+  }
+
+
+_OPTAX_CONFIGS = {
+    'evon_no_whiten': (evon_jax.evon, dict(whiten=False), 0.03),
+    'evon': (evon_jax.evon, {}, 0.0015),
+    'ivon': (evon_jax.ivon, {}, 0.03),
+}
+
+
+def _optax_target_error(config, target, ess, **overrides):
+  factory, kwargs, lr = _OPTAX_CONFIGS[config]
+  if target == 'rosenbrock' and factory is evon_jax.evon:
+    kwargs = dict(kwargs, precondition_1d=True)
+  initial, optimum, loss = _optax_targets()[target]
+  tx = factory(lr, ess=ess, hess_init=1.0, **{**kwargs, **overrides})
+
+  def call(carry, _):
+    params, state = carry
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  run = jax.jit(lambda p: jax.lax.scan(call, (p, tx.init(p)), None, length=30_000)[0][1])
+  mean = posterior.mean(run(initial))
+  return max(float(jnp.max(jnp.abs(m - o)))
+             for m, o in zip(jax.tree.leaves(mean), jax.tree.leaves(optimum)))
+
+
+@pytest.mark.parametrize('ess', [1e4, 1e6, 1e8])
+@pytest.mark.parametrize('target', ['parabola', 'rosenbrock', 'matrix', 'mixed'])
+@pytest.mark.parametrize('config', list(_OPTAX_CONFIGS))
+def test_converges_on_optax_targets_at_large_ess(config, target, ess):
+  assert _optax_target_error(config, target, ess) < 3e-2
+
+
+def test_reference_price_estimate_stalls_at_large_ess():
+  """The same target without the baseline: the failure the default removes (measured 11)."""
+  assert _optax_target_error('evon_no_whiten', 'parabola', 1e8, hessian_baseline=None) > 1.0

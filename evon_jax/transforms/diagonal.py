@@ -24,6 +24,13 @@ from evon_jax.transforms._common import (
     zero_unless)
 
 
+def previous_gradient_estimate(momentum, b1, t):
+  """Ḡ/(1 - b1^(t-1)): the bias-corrected momentum of the steps before step t (0 at t = 1)."""
+  seen = t - 1
+  correction = 1 - b1 ** jnp.maximum(seen, 1)
+  return jnp.where(seen > 0, momentum.astype(jnp.result_type(momentum, jnp.float32)) / correction, 0.0)
+
+
 def _diagonal_layouts(tree):
   """Without a refresh around it a diagonal method sees each leaf as itself (the matrix view
   of whitening merges all dims but the last)."""
@@ -82,6 +89,7 @@ class IvonSpec(protocol.Spec):
   rescale_lr: bool = False
   clip_hessian: bool = False
   clip_update: bool = False
+  hessian_baseline: Any = "momentum"
   dtype: Any = None
   momentum_dtype: Any = None
 
@@ -121,6 +129,11 @@ class IvonSpec(protocol.Spec):
     """One leaf's IVON step; every buffer gated by scalar coefficients (see `maths.gates`)."""
     grad = jnp.mean(record.grads, axis=0)
     normal_times_grad = jnp.mean(record.normals * record.grads, axis=0)
+    if self.hessian_baseline == "momentum":
+      # Control variate: z is independent of the momentum (earlier steps' gradients), so
+      # mean_s(z_s (G_s - b)) has the same mean as mean_s(z_s G_s) without its g(M)² term.
+      baseline = previous_gradient_estimate(momentum, hp.b1, t)
+      normal_times_grad = normal_times_grad - jnp.mean(record.normals, axis=0) * baseline
     grad, normal_times_grad = zero_unless(
         gates.active, replica_mean((grad, normal_times_grad), replica_axis))
     moments_on = gates.active & ~gates.first
@@ -187,13 +200,15 @@ def eigenspace_ivon(
     clip_radius: float = float("inf"),
     whiten: bool = False,
     rescale_lr: bool = False,
+    hessian_baseline="momentum",
     dtype=None,
     momentum_dtype=None,
 ) -> protocol.PieceTransformation:
   r"""IVON's update of a diagonal Gaussian, in whatever coordinates it is handed.
 
   Per coordinate, with the gradients G_s of the step's samples and their draws z_s:
-  ``ĥ = mean_s(z_s G_s) sqrt(ess (H+δ))`` (Price), ``Ḡ ← b1 Ḡ + (1-b1) mean_s G_s``,
+  ``ĥ = mean_s(z_s (G_s - b)) sqrt(ess (H+δ))`` (Price, with the baseline ``b`` the
+  bias-corrected momentum of the earlier steps, or 0), ``Ḡ ← b1 Ḡ + (1-b1) mean_s G_s``,
   ``H ← b2 H + (1-b2) ĥ + ½(1-b2)²(H-ĥ)²/(H+δ)``,
   ``M ← M - lr (Ḡ/(1-b1ᵗ) + δ M)/(H + δ + eps)`` (the direction clipped to ``clip_radius``,
   Newton–Schulz whitened per leaf when ``whiten``). The posterior is
@@ -215,6 +230,12 @@ def eigenspace_ivon(
     clip_radius: elementwise clipping of the direction (inf: none).
     whiten: Newton–Schulz-whiten the direction of matrix leaves (L2 for vectors).
     rescale_lr: multiply the learning rate by ``hess_init + weight_decay`` (IVON's convention).
+    hessian_baseline: 'momentum' (default) subtracts ``b = Ḡ/(1-b1^(t-1))`` from the
+      gradients in the Price estimate. The draw z is independent of the earlier steps, so ĥ
+      keeps its mean (the expected Hessian) and loses the ``g(M)² ess (H+δ)`` part of its
+      variance, which far from an optimum, at a large ess, drives IVON's correction
+      ``½(1-b2)²(H-ĥ)²/(H+δ)`` to inflate H until the step stalls. None: the reference's
+      estimate ``mean_s(z_s G_s) sqrt(ess (H+δ))``.
     dtype, momentum_dtype: dtypes of the statistics and of the momentum (see `evon`).
 
   Returns:
@@ -230,6 +251,7 @@ def eigenspace_ivon(
   if hess_clip_ratio is not None:
     check.check_positive("hess_clip_ratio", hess_clip_ratio)
   check.check_non_negative("clip_radius", clip_radius, allow_inf=True)
+  check.check_choice("hessian_baseline", hessian_baseline, ("momentum", None))
   if check._concrete(clip_radius) == 0:
     raise ValueError("clip_radius must be > 0 (use math.inf for no clipping).")
   hp = IvonHyperparams(learning_rate, ess, hess_init, b1, b2, eps, weight_decay,
@@ -238,7 +260,7 @@ def eigenspace_ivon(
   clip_update = not (isinstance(clip_radius, (int, float)) and clip_radius == float("inf"))
   spec = IvonSpec(static_hp, whiten=bool(whiten), rescale_lr=bool(rescale_lr),
                   clip_hessian=hess_clip_ratio is not None, clip_update=clip_update,
-                  dtype=dtype, momentum_dtype=momentum_dtype)
+                  hessian_baseline=hessian_baseline, dtype=dtype, momentum_dtype=momentum_dtype)
   return protocol.transformation(spec, traced_hp)
 
 
