@@ -55,7 +55,7 @@ def main():
   print("λ | log evidence EK-FAC | dense | linearised NLL EK-FAC | dense")
   for lam in (0.1, 0.475, 1.0, 10.0, 100.0):
     tuned = laplace.with_prior_precision(state, lam)
-    probs = predictive.linearized_predictive(C.apply_fn, tuned, x_test, jax.random.key(1), 64)
+    probs = predictive.linearized_predictive(jax.random.key(1), C.apply_fn, tuned, x_test, 64)
     print(f"{lam} | {float(laplace.log_marginal_likelihood(tuned, log_lik)):.1f} | "
           f"{dense_evidence(lam):.1f} | {float(metrics.nll(probs, y_test)):.4f} | "
           f"{dense_linearised_nll(lam):.4f}")

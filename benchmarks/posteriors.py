@@ -312,7 +312,7 @@ def fit_low_rank_mfvi(setting, data, config, seed) -> Fit:
                         data.y_train, config["steps"], train_key, loss_fn=loss, timings=timings)
   train_s, compile_s = _timed(timings)
   predictor = classify.averaging_predictor(lambda x: meanfield.sample_predictive(
-      lowrank.low_rank_mlp, q, x, sample_key, NUM_SAMPLES))
+      sample_key, lowrank.low_rank_mlp, q, x, NUM_SAMPLES))
   return Fit({"low-rank MFVI BMA": predictor}, weights=_num_entries(params),
              posterior_floats=_num_entries(q), train_s=train_s, compile_s=compile_s)
 

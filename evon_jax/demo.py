@@ -302,7 +302,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   mean_params = evon_jax.posterior.mean(evon_state)
   # One key for every input set: the BMA uses the same BMA_SAMPLES weight samples throughout.
   bma_key = jax.random.key(args.seed + 1)
-  sample_fn = jax.jit(lambda x: predictive.sample_predictive(apply_fn, evon_state, x, bma_key,
+  sample_fn = jax.jit(lambda x: predictive.sample_predictive(bma_key, apply_fn, evon_state, x,
                                                              BMA_SAMPLES))
   sample_probs = {name: sample_fn(x) for name, x in inputs.items()}
   bma_name = f"EVON BMA ({BMA_SAMPLES})"

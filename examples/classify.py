@@ -300,9 +300,9 @@ def posterior_predictors(name: str, model, state, key: jax.Array) -> dict[str, P
   through its linearisation at the mean."""
   return {
       f"{name} BMA": averaging_predictor(lambda x: predictive.sample_predictive(
-          model, state, x, key, NUM_SAMPLES)),
+          key, model, state, x, NUM_SAMPLES)),
       f"{name} linearised": averaging_predictor(
-          lambda x: predictive.linearized_sample_predictive(model, state, x, key,
+          lambda x: predictive.linearized_sample_predictive(key, model, state, x,
                                                             NUM_SAMPLES))}
 
 

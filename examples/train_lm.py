@@ -409,7 +409,7 @@ def evaluate(apply_fn: Callable, params, windows: np.ndarray, batch: int) -> flo
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _total_bma_nll(apply_fn: Callable, num_samples: int, params, opt_state, key, windows,
                    weight):
-  probs = predictive.sample_predictive(apply_fn, opt_state, windows[:, :-1], key,
+  probs = predictive.sample_predictive(key, apply_fn, opt_state, windows[:, :-1],
                                        num_samples, params=params)
   picked = jnp.take_along_axis(probs, windows[None, :, 1:, None], axis=-1)[..., 0]
   bma = jnp.maximum(jnp.mean(picked, axis=0), jnp.finfo(probs.dtype).tiny)

@@ -318,8 +318,8 @@ def test_nll_tuning_picks_the_brute_force_minimiser(kind, nll_problem):
       num_samples=16, predictive_kind=kind)
   average = (predictive.linearized_predictive if kind == "linearized"
              else predictive.bayesian_model_average)
-  average = jax.jit(functools.partial(average, mlp_apply, inputs=validation[0], key=key,
-                                      num_samples=16))
+  average = jax.jit(functools.partial(average, key=key, apply_fn=mlp_apply,
+                                      inputs=validation[0], num_samples=16))
   brute = []
   for lam in grid:
     candidate = state._replace(weight_decay=jnp.asarray(lam / float(state.ess), jnp.float32))
@@ -374,7 +374,7 @@ def test_frozen_int_leaf_and_bias_with_sampled_predictive(frozen_fit):
   for name in ("w1", "b1", "w2", "b2"):
     np.testing.assert_allclose(means[name], params[name], atol=1e-5)
   probs = jax.jit(lambda s: predictive.bayesian_model_average(
-      mlp_apply, s, x, jax.random.key(0), 8))(state)
+      jax.random.key(0), mlp_apply, s, x, 8))(state)
   assert probs.shape == (12, 3)
   np.testing.assert_allclose(np.sum(probs, axis=1), 1.0, rtol=1e-5)
   # P counts the trainable entries only (the int leaf is not a parameter of the posterior).
@@ -391,7 +391,7 @@ def test_frozen_int_leaf_and_bias_with_sampled_predictive(frozen_fit):
 def test_linearized_predictive_without_frozen_leaves(plain_fit):
   _, x, _, state = plain_fit
   probs = jax.jit(lambda s: predictive.linearized_predictive(
-      mlp_apply, s, x, jax.random.key(0), 8))(state)
+      jax.random.key(0), mlp_apply, s, x, 8))(state)
   assert probs.shape == (12, 3)
   np.testing.assert_allclose(np.sum(probs, axis=1), 1.0, rtol=1e-5)
 
@@ -401,7 +401,7 @@ def test_linearized_predictive_with_frozen_int_leaf(frozen_fit):
   # raised a ValueError from jax.linearize before it did).
   _, x, _, state = frozen_fit
   probs = jax.jit(lambda s: predictive.linearized_predictive(
-      mlp_apply, s, x, jax.random.key(0), 8))(state)
+      jax.random.key(0), mlp_apply, s, x, 8))(state)
   assert probs.shape[0] == x.shape[0] and np.all(np.isfinite(probs))
   np.testing.assert_allclose(np.sum(probs, axis=1), 1.0, rtol=1e-5)
 

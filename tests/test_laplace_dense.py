@@ -377,7 +377,7 @@ def test_nll_tuning_matches_brute_force_linearized_predictive():
   @jax.jit
   def validation_nll(weight_decay):  # weight_decay = λ / N, set by hand on the state
     probs = predictive.linearized_predictive(
-        _mlp, state._replace(weight_decay=weight_decay), x_val, key, 16)
+        key, _mlp, state._replace(weight_decay=weight_decay), x_val, 16)
     return metrics.nll(probs, y_val)
 
   brute = np.array([float(validation_nll(jnp.float32(value / N_TRAIN))) for value in grid])
@@ -483,13 +483,13 @@ def test_frozen_int_leaf_passes_through():
   assert mean["scale"].dtype == jnp.int32 and int(mean["scale"]) == 1
   _, x, _ = _mlp_problem()
   _assert_probabilities(
-      predictive.bayesian_model_average(_mlp_with_frozen, state, x, jax.random.key(0), 8))
+      predictive.bayesian_model_average(jax.random.key(0), _mlp_with_frozen, state, x, 8))
 
 
 def test_predictives_on_the_laplace_state():
   _, x, _ = _mlp_problem()
   for average in (predictive.linearized_predictive, predictive.bayesian_model_average):
-    _assert_probabilities(average(_mlp, _mlp_state(), x, jax.random.key(0), 8))
+    _assert_probabilities(average(jax.random.key(0), _mlp, _mlp_state(), x, 8))
 
 
 def test_num_data_scales_ess_and_variances():

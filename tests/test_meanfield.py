@@ -266,7 +266,7 @@ def test_sample_predictive_uses_the_samples_of_the_same_key():
   q = meanfield.init({"w": jnp.ones((4, 3)) * 0.1, "b": jnp.zeros(3)}, init_std=0.5)
   apply_fn = lambda p, x: x @ p["w"] + p["b"][None, :]
   x = jax.random.normal(jax.random.key(8), (6, 4))
-  probs = meanfield.sample_predictive(apply_fn, q, x, jax.random.key(9), 5)
+  probs = meanfield.sample_predictive(jax.random.key(9), apply_fn, q, x, 5)
   assert probs.shape == (5, 6, 3)
   np.testing.assert_allclose(_as64(probs).sum(-1), 1.0, rtol=1e-6)
   weights = meanfield.sample(jax.random.key(9), q, 5)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import evon_jax
 from evon_jax import posterior, predictive
@@ -43,7 +44,7 @@ def _trained_state():
 def test_sample_predictive_uses_posterior_samples():
   state, x = _trained_state()
   key = jax.random.key(1)
-  probs = predictive.sample_predictive(_apply, state, x, key, 5)
+  probs = predictive.sample_predictive(key, _apply, state, x, 5)
   weights = posterior.sample(key, state, 5)
   for s in range(5):
     w_s = jax.tree.map(lambda leaf, s=s: leaf[s], weights)
@@ -53,13 +54,13 @@ def test_sample_predictive_uses_posterior_samples():
 def test_bayesian_model_average_is_mean_of_samples():
   state, x = _trained_state()
   key = jax.random.key(2)
-  bma = predictive.bayesian_model_average(_apply, state, x, key, 16)
+  bma = predictive.bayesian_model_average(key, _apply, state, x, 16)
   assert bma.shape == (40, 3)
   np.testing.assert_allclose(bma.sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(
-      bma, predictive.sample_predictive(_apply, state, x, key, 16).mean(0), rtol=1e-6)
-  jitted = jax.jit(predictive.bayesian_model_average, static_argnums=(0, 4))
-  np.testing.assert_allclose(jitted(_apply, state, x, key, 16), bma, rtol=1e-5, atol=1e-6)
+      bma, predictive.sample_predictive(key, _apply, state, x, 16).mean(0), rtol=1e-6)
+  jitted = jax.jit(predictive.bayesian_model_average, static_argnums=(1, 4))
+  np.testing.assert_allclose(jitted(key, _apply, state, x, 16), bma, rtol=1e-5, atol=1e-6)
 
 
 def test_mean_predictive_is_softmax_at_posterior_mean():
@@ -80,14 +81,14 @@ def test_linearized_equals_sampled_for_a_model_linear_in_its_params():
   key = jax.random.key(3)
   weights = posterior.sample(key, state, 6)
   sampled_logits = jax.vmap(lambda w: _apply(w, x))(weights)
-  lin_logits = predictive.linearized_logits(_apply, state, x, key, 6)
+  lin_logits = predictive.linearized_logits(key, _apply, state, x, 6)
   assert lin_logits.shape == (6, 40, 3)
   np.testing.assert_allclose(lin_logits, sampled_logits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(predictive.linearized_sample_predictive(_apply, state, x, key, 6),
-                             predictive.sample_predictive(_apply, state, x, key, 6),
+  np.testing.assert_allclose(predictive.linearized_sample_predictive(key, _apply, state, x, 6),
+                             predictive.sample_predictive(key, _apply, state, x, 6),
                              rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(predictive.linearized_predictive(_apply, state, x, key, 6),
-                             predictive.bayesian_model_average(_apply, state, x, key, 6),
+  np.testing.assert_allclose(predictive.linearized_predictive(key, _apply, state, x, 6),
+                             predictive.bayesian_model_average(key, _apply, state, x, 6),
                              rtol=1e-5, atol=1e-6)
 
 
@@ -163,7 +164,7 @@ def test_linearized_logit_moments_match_dense_jacobian_covariance():
   x = x[:4]
   num_samples = 20000
   mu, c, _, _ = _dense_output_moments(state, x)
-  logits = predictive.linearized_logits(_mlp, state, x, jax.random.key(6), num_samples)
+  logits = predictive.linearized_logits(jax.random.key(6), _mlp, state, x, num_samples)
   flat = np.asarray(logits, np.float64).reshape(num_samples, -1)
   sd = np.sqrt(np.diag(c))
   assert np.all(sd > 1e-2)  # a wide posterior: the check is not vacuous
@@ -190,20 +191,20 @@ def test_dense_reference_sees_the_kronecker_bases():
 def test_linearized_predictive_batching_and_jit():
   state, x = _trained_mlp_state()
   key = jax.random.key(7)
-  full = predictive.linearized_sample_predictive(_mlp, state, x, key, 7)
+  full = predictive.linearized_sample_predictive(key, _mlp, state, x, 7)
   assert full.shape == (7, 30, 3)
   np.testing.assert_allclose(full.sum(-1), 1.0, rtol=1e-5)
-  batched = predictive.linearized_sample_predictive(_mlp, state, x, key, 7, batch_size=3)
+  batched = predictive.linearized_sample_predictive(key, _mlp, state, x, 7, batch_size=3)
   np.testing.assert_allclose(batched, full, rtol=1e-5, atol=1e-6)
   # Samples are shared across inputs: predicting two halves with one key = predicting all.
-  halves = [predictive.linearized_sample_predictive(_mlp, state, x[i:i + 15], key, 7)
+  halves = [predictive.linearized_sample_predictive(key, _mlp, state, x[i:i + 15], 7)
             for i in (0, 15)]
   np.testing.assert_allclose(jnp.concatenate(halves, axis=1), full, rtol=1e-5, atol=1e-6)
-  jitted = jax.jit(predictive.linearized_predictive, static_argnums=(0, 4))
-  np.testing.assert_allclose(jitted(_mlp, state, x, key, 7), full.mean(0), rtol=1e-5,
+  jitted = jax.jit(predictive.linearized_predictive, static_argnums=(1, 4))
+  np.testing.assert_allclose(jitted(key, _mlp, state, x, 7), full.mean(0), rtol=1e-5,
                              atol=1e-6)
   # A different key draws different samples.
-  other = predictive.linearized_sample_predictive(_mlp, state, x, jax.random.key(8), 7)
+  other = predictive.linearized_sample_predictive(jax.random.key(8), _mlp, state, x, 7)
   assert not np.allclose(other, full)
 
 
@@ -215,10 +216,29 @@ def test_predictives_take_params_under_partition():
   state = tx.init(params)
   x = jnp.ones((5, 4))
   for fn in (predictive.bayesian_model_average, predictive.linearized_predictive):
-    probs = fn(_apply, state, x, 0, 4, params=params)
+    probs = fn(0, _apply, state, x, 4, params=params)
     assert probs.shape == (5, 3) and bool(jnp.all(jnp.isfinite(probs)))
     # At the first state the posterior is centred at params: the mean network's softmax.
   mean_probs = predictive.mean_predictive(_apply, state, x, params=params)
   np.testing.assert_allclose(mean_probs, jax.nn.softmax(_apply(params, x), axis=-1), atol=1e-6)
   np.testing.assert_array_equal(posterior.sample(0, state, 2, params=params)["b"],
                                 jnp.broadcast_to(params["b"], (2, 3)))
+
+
+def test_key_comes_first_and_the_earlier_order_still_works_with_a_warning():
+  """One convention (key first, as `posterior.sample`); int seeds are keys."""
+  state, x = _trained_state()
+  for fn in (predictive.sample_predictive, predictive.bayesian_model_average,
+             predictive.linearized_logits, predictive.linearized_sample_predictive,
+             predictive.linearized_predictive):
+    new = fn(jax.random.key(4), _apply, state, x, 3)
+    np.testing.assert_array_equal(fn(4, _apply, state, x, 3), new)
+    with pytest.warns(DeprecationWarning, match="the key comes first"):
+      old = fn(_apply, state, x, jax.random.key(4), 3)
+    np.testing.assert_array_equal(old, new)
+    with pytest.warns(DeprecationWarning):
+      old_keyword = fn(_apply, state, x, key=jax.random.key(4), num_samples=3)
+    np.testing.assert_array_equal(old_keyword, new)
+  # A different key draws different samples (the key is really used).
+  assert not np.allclose(predictive.sample_predictive(5, _apply, state, x, 3),
+                         predictive.sample_predictive(4, _apply, state, x, 3))

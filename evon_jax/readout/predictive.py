@@ -17,6 +17,8 @@ Two ways to push the posterior ``q(W)`` through the network:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -33,7 +35,33 @@ __all__ = [
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
+def key_first(fn):
+  """Lets ``fn(key, apply_fn, state, inputs, ...)`` also take the earlier order,
+  ``fn(apply_fn, state, inputs, key, ...)``, with a DeprecationWarning.
+
+  The first argument tells them apart: an apply function is callable, a key (a PRNG key
+  array or an int seed) never is.
+  """
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    if args and callable(args[0]):
+      warnings.warn(
+          f"{fn.__name__}(apply_fn, state, inputs, key, ...) is deprecated: the key comes "
+          f"first, {fn.__name__}(key, apply_fn, state, inputs, ...), as in "
+          "evon_jax.posterior.sample.", DeprecationWarning, stacklevel=2)
+      head, rest = args[:3], args[3:]
+      if rest:
+        args = (rest[0],) + head + rest[1:]
+      elif "key" in kwargs:
+        args = (kwargs.pop("key"),) + head
+    return fn(*args, **kwargs)
+
+  return wrapper
+
+
+@key_first
+def sample_predictive(key, apply_fn: ApplyFn, opt_state, inputs: jax.Array,
                       num_samples: int, *, params=None) -> jax.Array:
   """Softmax probabilities under ``num_samples`` posterior weight samples.
 
@@ -43,7 +71,9 @@ def sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
 
   `params`: under `optax.partition` / `masked`, the loop's params, whose values fill the
   leaves another optimizer owns (as in `evon_jax.posterior.sample`); every predictive here
-  takes it.
+  takes it. Every sampling predictive takes the key first (a PRNG key or an int seed), as
+  `evon_jax.posterior.sample` does; the earlier order (the key after the inputs) still works,
+  with a DeprecationWarning.
 
   Returns:
     ``(num_samples, *logits_shape)`` probabilities; ``mean(axis=0)`` is the Bayesian model
@@ -62,7 +92,8 @@ def probabilities_of_samples(apply_fn: ApplyFn, weights, inputs: jax.Array) -> j
   return jax.vmap(lambda params: jax.nn.softmax(apply_fn(params, inputs), axis=-1))(weights)
 
 
-def bayesian_model_average(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
+@key_first
+def bayesian_model_average(key, apply_fn: ApplyFn, opt_state, inputs: jax.Array,
                            num_samples: int, *, params=None) -> jax.Array:
   r"""Monte-Carlo Bayesian model average ``1/S Σ_s softmax(f(x; W_s))``, ``W_s ~ q``.
 
@@ -73,11 +104,11 @@ def bayesian_model_average(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key:
     >>> apply_fn = lambda p, x: x @ p["w"]
     >>> state = evon_jax.evon(0.1, ess=10.0, hess_init=1.0).init(params)
     >>> probs = predictive.bayesian_model_average(
-    ...     apply_fn, state, jnp.ones((4, 3)), jax.random.key(0), num_samples=8)
+    ...     jax.random.key(0), apply_fn, state, jnp.ones((4, 3)), num_samples=8)
     >>> probs.shape
     (4, 2)
   """
-  return jnp.mean(sample_predictive(apply_fn, opt_state, inputs, key, num_samples,
+  return jnp.mean(sample_predictive(key, apply_fn, opt_state, inputs, num_samples,
                                     params=params), axis=0)
 
 
@@ -87,7 +118,8 @@ def mean_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, *,
   return jax.nn.softmax(apply_fn(posterior.mean(opt_state, params), inputs), axis=-1)
 
 
-def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
+@key_first
+def linearized_logits(key, apply_fn: ApplyFn, opt_state, inputs: jax.Array,
                       num_samples: int, *, batch_size: Optional[int] = None,
                       params=None) -> jax.Array:
   r"""Logits of the network linearised at the posterior mean, under posterior samples.
@@ -106,11 +138,11 @@ def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
   ``N(f(x; M), J_M Σ J_Mᵀ)``; this function returns Monte-Carlo samples of that Gaussian.
 
   Args:
+    key: PRNG key (or int seed) of the weight samples (fix it for reproducible predictions).
     apply_fn: ``apply_fn(params, inputs) -> logits`` (any output pytree works for the logits;
       the probability functions below need an array with classes on the last axis).
     opt_state: the optimizer state holding the EVON/IVON posterior.
     inputs: a batch of inputs.
-    key: PRNG key of the weight samples (fix it for reproducible predictions).
     num_samples: number of weight samples ``S`` (static under `jax.jit`).
     batch_size: if given, the JVPs run ``batch_size`` samples at a time (static).
     params: fills the leaves another optimizer owns under `optax.partition` / `masked`
@@ -145,8 +177,9 @@ def linearized_logits(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.
   return jax.lax.map(one, deviations, batch_size=batch_size)
 
 
-def linearized_sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array,
-                                 key: jax.Array, num_samples: int, *,
+@key_first
+def linearized_sample_predictive(key, apply_fn: ApplyFn, opt_state, inputs: jax.Array,
+                                 num_samples: int, *,
                                  batch_size: Optional[int] = None, params=None) -> jax.Array:
   """Per-sample softmax probabilities of the linearised network (see `linearized_logits`).
 
@@ -155,12 +188,13 @@ def linearized_sample_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array
     `sample_predictive` (``mean(axis=0)`` is `linearized_predictive`;
     `evon_jax.metrics.mutual_information` takes it directly).
   """
-  logits = linearized_logits(apply_fn, opt_state, inputs, key, num_samples,
+  logits = linearized_logits(key, apply_fn, opt_state, inputs, num_samples,
                              batch_size=batch_size, params=params)
   return jax.nn.softmax(logits, axis=-1)
 
 
-def linearized_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: jax.Array,
+@key_first
+def linearized_predictive(key, apply_fn: ApplyFn, opt_state, inputs: jax.Array,
                           num_samples: int, *, batch_size: Optional[int] = None,
                           params=None) -> jax.Array:
   r"""Linearised (GLM) predictive ``1/S Σ_s softmax(f(x; M) + J_M(x)(W_s - M))``, ``W_s ~ q``.
@@ -184,7 +218,7 @@ def linearized_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: 
     >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w"])
     >>> state = evon_jax.evon(0.1, ess=10.0, hess_init=1.0).init(params)
     >>> probs = predictive.linearized_predictive(
-    ...     apply_fn, state, jnp.ones((4, 3)), jax.random.key(0), num_samples=8)
+    ...     jax.random.key(0), apply_fn, state, jnp.ones((4, 3)), num_samples=8)
     >>> probs.shape
     (4, 2)
 
@@ -196,5 +230,5 @@ def linearized_predictive(apply_fn: ApplyFn, opt_state, inputs: jax.Array, key: 
     linearization, AISTATS 2021. Foong et al.: 'In-between' uncertainty in Bayesian neural
     networks, 2019.
   """
-  return jnp.mean(linearized_sample_predictive(apply_fn, opt_state, inputs, key, num_samples,
+  return jnp.mean(linearized_sample_predictive(key, apply_fn, opt_state, inputs, num_samples,
                                                batch_size=batch_size, params=params), axis=0)

@@ -31,7 +31,7 @@ Example:
   >>> x, y = jnp.ones((8, 3)), jnp.zeros(8, jnp.int32)
   >>> state = laplace.fit(apply_fn, params, (x, y), likelihood="classification")
   >>> probs = evon_jax.predictive.linearized_predictive(
-  ...     apply_fn, state, x, jax.random.key(0), num_samples=16)
+  ...     jax.random.key(0), apply_fn, state, x, num_samples=16)
   >>> probs.shape
   (8, 2)
 

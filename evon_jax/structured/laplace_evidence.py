@@ -275,11 +275,11 @@ def _tune_nll(state, apply_fn, validation, likelihood, sigma_noise, grid, key, n
     if likelihood == "classification":
       average = (predictive.linearized_predictive if predictive_kind == "linearized"
                  else predictive.bayesian_model_average)
-      probs = average(apply_fn, candidate, inputs, key, num_samples)
+      probs = average(key, apply_fn, candidate, inputs, num_samples)
       picked = jnp.take_along_axis(probs, targets[:, None], axis=-1)[:, 0]
       return -jnp.mean(jnp.log(jnp.maximum(picked, jnp.finfo(picked.dtype).tiny)))
     if predictive_kind == "linearized":
-      outputs = predictive.linearized_logits(apply_fn, candidate, inputs, key, num_samples)
+      outputs = predictive.linearized_logits(key, apply_fn, candidate, inputs, num_samples)
     else:
       weights = posterior.sample(key, candidate, num_samples)
       outputs = jax.vmap(lambda p: apply_fn(p, inputs))(weights)

@@ -267,11 +267,12 @@ def elbo_loss(key: jax.Array, nll_fn: Callable[[Any, Any], jax.Array], q: MeanFi
   return nll + beta * kl / num_data
 
 
-def sample_predictive(apply_fn: Callable[[Any, jax.Array], jax.Array], q: MeanField,
-                      inputs: jax.Array, key: jax.Array, num_samples: int) -> jax.Array:
+@predictive.key_first
+def sample_predictive(key, apply_fn: Callable[[Any, jax.Array], jax.Array], q: MeanField,
+                      inputs: jax.Array, num_samples: int) -> jax.Array:
   """Softmax probabilities under `num_samples` draws θ_s ~ q, shape (S, *logits_shape).
 
-  ``mean(axis=0)`` is the Bayesian model average; the argument order follows
+  ``mean(axis=0)`` is the Bayesian model average; the argument order (key first) follows
   `evon_jax.predictive.sample_predictive`, and `evon_jax.metrics` takes the result.
   """
   weights = sample(key, q, num_samples)
