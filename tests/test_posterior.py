@@ -542,10 +542,52 @@ def test_state_without_evon_raises(problem):
     posterior.sample(jax.random.key(0), state)
 
 
-def test_two_evon_states_raise(problem):
+def _masked_leaves(tree):
+  """Leaves with MaskedNode kept as None (the positions a group does not own)."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return [None if masked(x) else x for x in jax.tree.leaves(tree, is_leaf=masked)]
+
+
+def test_two_posteriors_in_one_partition_read_out_as_one(problem):
+  """EVON on the matrices (ess 30, δ 1e-2) and IVON on the vectors (ess 10, δ 1e-3): every
+  read-out of the whole state equals, leaf by leaf, that of the group owning the leaf, and
+  the scalar read-outs are the groups' sums (the groups are independent)."""
+  loss, params = problem
+  tx = optax.partition({"evon": evon_jax.evon(0.05, key=1, **EVON_HYPER),
+                        "other": evon_jax.ivon(0.05, ess=10.0, weight_decay=1e-3, key=2)},
+                       _matrix_labels)
+  state = train(tx, loss, params)
+  groups = [state.inner_states[name] for name in ("evon", "other")]
+  for fn in (posterior.mean, posterior.marginal_stddev, posterior.variance_eigen,
+             posterior.covariance, lambda s: posterior.sample(3, s, 2)):
+    whole = _masked_leaves(fn(state))
+    per_group = [_masked_leaves(fn(group)) for group in groups]
+    for i, value in enumerate(whole):
+      owners = [leaves[i] for leaves in per_group if leaves[i] is not None]
+      assert len(owners) == 1
+      if fn.__name__ == "<lambda>":  # samples: one key split over all leaves, so only shapes
+        assert value.shape == owners[0].shape
+      else:
+        np.testing.assert_allclose(value, owners[0], rtol=1e-6, atol=1e-7)
+  for fn in (posterior.entropy, posterior.kl_to_prior):
+    np.testing.assert_allclose(fn(state), sum(fn(group) for group in groups), rtol=1e-5)
+  # The two groups' widths really differ (ess 30 vs 10), so per-leaf ess is used.
+  combined = posterior.bubble(state)
+  assert sorted({float(e) for e in jax.tree.leaves(combined.ess)}) == [10.0, 30.0]
+  # The samples have the right spread per group: the deviation from the mean, standardised
+  # by each leaf's own marginal std, has unit mean square (2 x (all leaves) draws).
+  deviations = posterior.sample_deviation(0, state, 400)
+  stddev = posterior.marginal_stddev(state)
+  z = np.concatenate([np.ravel(d / s[None]) for d, s in zip(jax.tree.leaves(deviations),
+                                                            jax.tree.leaves(stddev))
+                      if np.all(np.asarray(s) > 0)])  # frozen leaves have no spread
+  # n = 400 x (entries) standard normals: mean square 1 +- 3 sqrt(2/n) < 0.05.
+  assert abs(np.mean(z ** 2) - 1) < 0.05, np.mean(z ** 2)
+
+
+def test_two_posteriors_over_the_same_leaves_raise(problem):
   _, params = problem
-  tx = optax.partition({"evon": evon_jax.evon(0.05, **EVON_HYPER),
-                        "other": evon_jax.ivon(0.05, ess=10.0)}, _matrix_labels)
+  tx = optax.chain(evon_jax.evon(0.05, **EVON_HYPER), evon_jax.ivon(0.05, ess=10.0))
   state = tx.init(params)
-  with pytest.raises(ValueError, match="Found 2"):
+  with pytest.raises(ValueError, match="held by 2 posteriors"):
     posterior.mean(state)

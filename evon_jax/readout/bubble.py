@@ -7,10 +7,11 @@ Gaussian with variances ``V = 1 / (ess (H + δ))``. EVON's state holds one (read
 bases. `records` turns it into per-leaf `EigenPosterior`s and `draw` is the one sampler.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from evon_jax.maths import ivon_update as ivon_step
 from evon_jax.maths.layout import LeafLayout, elementwise_layout
@@ -29,8 +30,9 @@ class SoapBubble(NamedTuple):
     bases: the eigenbases per Kronecker axis: a tuple of params-shaped trees, tree k holding
       every leaf's k-th axis basis (ones((n,)) on identity axes; see `evon_jax.kronecker`);
       () for a diagonal posterior.
-    ess: the effective sample size.
-    weight_decay: δ, the prior precision per example.
+    ess: the effective sample size: a scalar, or (a bubble `combine` made of several
+      posteriors, e.g. two EVONs under `optax.partition`) a params-shaped tree of scalars.
+    weight_decay: δ, the prior precision per example (a scalar or a tree, as `ess`).
   """
 
   mean: Any
@@ -50,10 +52,20 @@ class EigenPosterior(NamedTuple):
   layout: LeafLayout
 
 
+def per_leaf_scalar(value, treedef) -> list:
+  """`ess` or `weight_decay` of a bubble, one entry per leaf of its mean's `treedef`: a
+  scalar is every leaf's, a tree (a `combine`d bubble) gives each leaf its own."""
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
+    return [value] * treedef.num_leaves
+  return treedef.flatten_up_to(value)
+
+
 def records(bubble: SoapBubble) -> list:
   """Per leaf its `EigenPosterior`, or None for a frozen (integer or empty) leaf."""
   treedef = jax.tree.structure(bubble.mean)
   columns = [treedef.flatten_up_to(tree) for tree in bubble.bases]
+  ess = per_leaf_scalar(bubble.ess, treedef)
+  weight_decay = per_leaf_scalar(bubble.weight_decay, treedef)
   out = []
   for i, (mean, hessian) in enumerate(zip(treedef.flatten_up_to(bubble.mean),
                                           treedef.flatten_up_to(bubble.hessian))):
@@ -63,8 +75,8 @@ def records(bubble: SoapBubble) -> list:
     layout = stored_layout(mean, [column[i] for column in columns])
     bases = tuple(columns[k][i] if rotated else None for k, rotated in enumerate(layout.rotated)
                   ) if layout.any_rotated else ()
-    std = ivon_step.posterior_std(hessian, jnp.asarray(bubble.ess).astype(hessian.dtype),
-                                  jnp.asarray(bubble.weight_decay).astype(hessian.dtype))
+    std = ivon_step.posterior_std(hessian, jnp.asarray(ess[i]).astype(hessian.dtype),
+                                  jnp.asarray(weight_decay[i]).astype(hessian.dtype))
     out.append(EigenPosterior(mean, std, bases, layout))
   return out
 
@@ -86,3 +98,67 @@ def draw(record: EigenPosterior, normals, noise_scale, precision="highest", cent
   eigen = std * normals if centered else mean + std * normals
   view = jnp.reshape(eigen, eigen.shape[:1] * stacked + record.layout.view_shape)
   return jnp.reshape(rotate_out(view, record.bases, precision), eigen.shape)
+
+
+def _masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def combine(bubbles: Sequence[SoapBubble]) -> SoapBubble:
+  """One bubble of several posteriors that own disjoint leaves of the same parameter tree.
+
+  Under `optax.partition` (or `masked`) each posterior holds `optax.MaskedNode` where
+  another optimizer owns the leaf: the combined bubble takes every leaf from the posterior
+  that owns it (MaskedNode where none does) and keeps each leaf's own `ess` and δ in
+  params-shaped trees. The groups are independent, so the product is the joint posterior.
+  """
+  bubbles = list(bubbles)
+  if len(bubbles) == 1:
+    return bubbles[0]
+  flat = [jax.tree.flatten(b.mean, is_leaf=_masked) for b in bubbles]
+  treedef = flat[0][1]
+  if any(other != treedef for _, other in flat[1:]):
+    raise ValueError("The posteriors do not share one parameter tree; combine reads "
+                     "several posteriors of one model (e.g. the groups of optax.partition).")
+  owners = []
+  for i in range(treedef.num_leaves):
+    owning = [k for k, (leaves, _) in enumerate(flat) if not _masked(leaves[i])]
+    if len(owning) > 1:
+      raise ValueError(f"Leaf {i} of the parameter tree is held by {len(owning)} posteriors "
+                       "(two EVON/IVON states over the same leaves); each leaf may have one.")
+    owners.append(owning[0] if owning else None)
+
+  def pick(trees):
+    columns = [jax.tree.flatten(t, is_leaf=_masked)[0] for t in trees]
+    return treedef.unflatten([optax.MaskedNode() if k is None else columns[k][i]
+                              for i, k in enumerate(owners)])
+
+  def scalars(values):
+    return treedef.unflatten([optax.MaskedNode() if k is None else jnp.asarray(values[k])
+                              for k in owners])
+
+  def slots(stores):
+    """Per axis slot k, each leaf's slot from its owner; a posterior with fewer slots (or
+    none: IVON) gives its leaves the size-one identity slot there."""
+    count = max(len(store) for store in stores)
+    out = []
+    for k in range(count):
+      columns = [jax.tree.flatten(store[k], is_leaf=_masked)[0] if k < len(store) else None
+                 for store in stores]
+      out.append(treedef.unflatten([
+          optax.MaskedNode() if owner is None else
+          columns[owner][i] if columns[owner] is not None else
+          jnp.ones((1,), jnp.result_type(flat[owner][0][i]))
+          for i, owner in enumerate(owners)]))
+    return tuple(out)
+
+  for b in bubbles:
+    if any(jnp.ndim(x) for x in jax.tree.leaves((b.ess, b.weight_decay))):
+      raise ValueError("combine takes bubbles with scalar ess and weight_decay.")
+  # Factors are kept only when every posterior has them (a post-hoc fit may not).
+  factors = slots([b.factors for b in bubbles]) if all(b.factors for b in bubbles) else ()
+  return SoapBubble(
+      mean=pick([b.mean for b in bubbles]), hessian=pick([b.hessian for b in bubbles]),
+      factors=factors, bases=slots([b.bases for b in bubbles]),
+      ess=scalars([b.ess for b in bubbles]),
+      weight_decay=scalars([b.weight_decay for b in bubbles]))

@@ -21,7 +21,8 @@ import optax
 from evon_jax.maths.layout import LeafLayout, as_view, from_view
 from evon_jax.readout.locate import find_state
 from evon_jax.transforms._common import as_typed_key
-from evon_jax.readout.bubble import SoapBubble, draw, records as bubble_records
+from evon_jax.readout.bubble import (
+    SoapBubble, combine, draw, per_leaf_scalar, records as bubble_records)
 from evon_jax.maths.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases, stored_layouts_of
 from evon_jax.transforms import (
     EigenbasisRefreshState, EigenspaceIvonState, InjectNoiseState)
@@ -46,15 +47,20 @@ def bubble(opt_state) -> SoapBubble:
 
   Found inside optax.chain, masked, partition, inject_hyperparams and MultiSteps; any
   composition with `eigenspace_ivon` innermost holds one (`eigenspace_adam`, SOAP, does not).
+  Several posteriors over disjoint leaves (two EVONs in one `optax.partition`, each with
+  its own ess and weight decay) come back as one bubble (`evon_jax.readout.bubble.combine`)
+  whose `ess` and `weight_decay` are params-shaped trees; every read-out takes it.
   """
   if isinstance(opt_state, SoapBubble):
     return opt_state
   kinds = (SoapBubble, InjectNoiseState, EigenbasisRefreshState, EigenspaceIvonState)
   nodes = [node for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
            if isinstance(node, kinds) and _holds_posterior(node)]
-  if len(nodes) != 1:  # none, or several: the search's own error says which
-    return find_state(nodes, SoapBubble if not nodes else type(nodes[0]))
-  return nodes[0] if isinstance(nodes[0], SoapBubble) else nodes[0].bubble()
+  if not nodes:  # the search's own error says what it looked for
+    return find_state(nodes, SoapBubble)
+  # Several (e.g. two EVONs under optax.partition, each with its own ess and δ): one bubble
+  # holding each leaf's posterior from the group that owns it.
+  return combine([node if isinstance(node, SoapBubble) else node.bubble() for node in nodes])
 
 
 def _holds_posterior(node) -> bool:
@@ -71,13 +77,25 @@ def stored_layouts(state) -> list[LeafLayout]:
 
 
 def _per_leaf(state: SoapBubble):
-  """Yields (layout, mean°, hessian, basis) per leaf; layout is None for frozen leaves."""
+  """Yields (layout, mean°, variance V, basis) per leaf; layout is None for frozen leaves."""
   treedef = jax.tree.structure(state.mean)
   layouts = stored_layouts(state)
-  for layout, mean_eigen, hessian, basis in zip(
+  for layout, mean_eigen, hessian, basis, ess, weight_decay in zip(
       layouts, treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.hessian),
-      storage_to_bases(state.bases, treedef, layouts)):
-    yield (layout if layout.trainable else None), mean_eigen, hessian, basis
+      storage_to_bases(state.bases, treedef, layouts), per_leaf_scalar(state.ess, treedef),
+      per_leaf_scalar(state.weight_decay, treedef)):
+    if not layout.trainable:
+      yield None, mean_eigen, None, basis
+      continue
+    yield layout, mean_eigen, _variance(ess, weight_decay, hessian), basis
+
+
+def _prior_precisions(state: SoapBubble) -> list:
+  """ess δ of every trainable leaf (one value, or each group's own after `combine`)."""
+  treedef = jax.tree.structure(state.mean)
+  pairs = zip(per_leaf_scalar(state.ess, treedef), per_leaf_scalar(state.weight_decay, treedef))
+  return [ess * weight_decay for (layout, *_), (ess, weight_decay)
+          in zip(_per_leaf(state), pairs) if layout is not None]
 
 
 def _map_leaves(state: SoapBubble, trainable_fn, frozen_fn):
@@ -87,8 +105,8 @@ def _map_leaves(state: SoapBubble, trainable_fn, frozen_fn):
   return treedef.unflatten(out)
 
 
-def _variance(state, hessian):
-  return (1.0 / (state.ess * (hessian + state.weight_decay))).astype(hessian.dtype)
+def _variance(ess, weight_decay, hessian):
+  return (1.0 / (ess * (hessian + weight_decay))).astype(hessian.dtype)
 
 
 def _fill_masked(tree, params, fill):
@@ -123,7 +141,7 @@ def mean(opt_state, params=None) -> Any:
 def variance_eigen(opt_state) -> Any:
   """V = 1 / (ess (H + δ)), the variances in eigen coordinates (params-shaped)."""
   state = bubble(opt_state)
-  return _map_leaves(state, lambda layout, m, h, q: _variance(state, h),
+  return _map_leaves(state, lambda layout, m, v, q: v,
                      lambda m: jnp.zeros(m.shape, jnp.float32))
 
 
@@ -192,8 +210,8 @@ def marginal_stddev(opt_state, params=None) -> Any:
   """
   state = bubble(opt_state)
 
-  def stddev(layout, m, h, q):
-    variance = rotate_out(as_view(_variance(state, h), layout), _squared(q), _EXACT)
+  def stddev(layout, m, v, q):
+    variance = rotate_out(as_view(v, layout), _squared(q), _EXACT)
     return from_view(jnp.sqrt(variance), layout)
 
   out = _map_leaves(state, stddev, lambda m: jnp.zeros(m.shape, jnp.float32))
@@ -221,13 +239,13 @@ def covariance(opt_state, max_size: int = 4096) -> Any:
   """
   state = bubble(opt_state)
 
-  def dense(layout, m, h, q):
+  def dense(layout, m, v, q):
     size = math.prod(layout.shape)
     if size > max_size:
       raise ValueError(f"covariance: a leaf of shape {layout.shape} has {size} entries, "
                        f"more than max_size={max_size}; use marginal_stddev or sample.")
     rotations = _dense_rotations(layout, q, m.dtype)
-    v = jnp.reshape(_variance(state, h), (rotations.shape[0], 1, -1))
+    v = jnp.reshape(v, (rotations.shape[0], 1, -1))
     blocks = jnp.matmul(rotations * v, jnp.matrix_transpose(rotations), precision=_EXACT)
     # Stacked matrices are independent: their covariance is block diagonal.
     return jax.scipy.linalg.block_diag(*blocks) if blocks.shape[0] > 1 else blocks[0]
@@ -236,7 +254,7 @@ def covariance(opt_state, max_size: int = 4096) -> Any:
 
 
 def _trainable_variances(state):
-  return [_variance(state, h) for layout, _, h, _ in _per_leaf(state) if layout is not None]
+  return [v for layout, _, v, _ in _per_leaf(state) if layout is not None]
 
 
 def entropy(opt_state) -> jax.Array:
@@ -250,15 +268,13 @@ def kl_to_prior(opt_state) -> jax.Array:
   """KL(q ‖ p) to the prior p = N(0, 1/(ess δ) I) over all trainable entries.
 
   With s² = 1/(ess δ): ½ Σ [V/s² + M²/s² - 1 + log s² - log V]; ‖M‖ is basis independent.
+  A combined bubble (several groups) uses each leaf's own ess δ.
   With weight_decay = 0 the prior is improper and the KL is infinite.
   """
   state = bubble(opt_state)
-  prior_precision = state.ess * state.weight_decay
   total = jnp.zeros([], jnp.float32)
-  for layout, m, h, _ in _per_leaf(state):
-    if layout is None:
-      continue
-    v = _variance(state, h)
+  trainable = [(m, v) for layout, m, v, _ in _per_leaf(state) if layout is not None]
+  for (m, v), prior_precision in zip(trainable, _prior_precisions(state)):
     total = total + 0.5 * jnp.sum(
         prior_precision * (v + m * m) - 1.0 - jnp.log(prior_precision) - jnp.log(v))
   return total
