@@ -12,7 +12,6 @@ latter is robust to load that changes between rounds).
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import platform
@@ -196,54 +195,26 @@ def ratios(results: dict, reference: str) -> dict:
 # ----------------------------------------------------------------------------- machine
 
 
-def _openblas_libraries():
-  """Loaded OpenBLAS builds (jaxlib's CPU LAPACK kernels call scipy's OpenBLAS)."""
-  try:
-    with open("/proc/self/maps") as maps:
-      paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-  except OSError:
-    return []
-  libs = []
-  for path in sorted(paths):
-    try:
-      libs.append(ctypes.CDLL(path))
-    except OSError:
-      pass
-  return libs
-
-
-_SET_NAMES = ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-              "openblas_set_num_threads", "openblas_set_num_threads64_")
-_GET_NAMES = ("scipy_openblas_get_num_threads", "scipy_openblas_get_num_threads64_",
-              "openblas_get_num_threads", "openblas_get_num_threads64_")
-
-
 def _ensure_lapack_loaded():
+  """jaxlib's CPU LAPACK kernels (QR, eigh, Cholesky) call the OpenBLAS scipy ships, which is
+  loaded on the first such call: make one so that threadpoolctl sees the library."""
   jax.block_until_ready(jnp.linalg.qr(jnp.eye(2))[0])
 
 
 def lapack_threads() -> list[int]:
-  """Thread counts of the loaded OpenBLAS libraries (what LAPACK calls in XLA use)."""
+  """Thread counts of the loaded BLAS libraries (what LAPACK calls in XLA use)."""
+  import threadpoolctl
   _ensure_lapack_loaded()
-  counts = []
-  for lib in _openblas_libraries():
-    for name in _GET_NAMES:
-      fn = getattr(lib, name, None)
-      if fn is not None:
-        counts.append(int(fn()))
-        break
-  return counts
+  return [int(info["num_threads"]) for info in threadpoolctl.threadpool_info()
+          if info["user_api"] == "blas"]
 
 
 def set_lapack_threads(n: int) -> list[int]:
-  """Sets the OpenBLAS thread count of every loaded OpenBLAS; returns the counts after."""
+  """Sets the thread count of every loaded BLAS library for the rest of the process;
+  returns the counts after."""
+  import threadpoolctl
   _ensure_lapack_loaded()
-  for lib in _openblas_libraries():
-    for name in _SET_NAMES:
-      fn = getattr(lib, name, None)
-      if fn is not None:
-        fn(ctypes.c_int(n))
-        break
+  threadpoolctl.threadpool_limits(limits=n, user_api="blas")  # kept: never restored
   return lapack_threads()
 
 

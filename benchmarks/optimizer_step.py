@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import jax
+import optax
 
 from benchmarks import common
 
@@ -27,7 +27,7 @@ def _measure(shapes, optimizers, *, precondition_frequency, max_precond_dim=1000
   for res in results.values():
     res["max_over_median"] = res["max_ms"] / res["median_ms"]
   record = {"results": results,
-            "num_params": int(sum(x.size for x in jax.tree.leaves(params)))}
+            "num_params": int(optax.tree_utils.tree_size(params))}
   for reference in ("soap", "adamw"):
     if reference in results:
       record[f"ratio_vs_{reference}"] = common.ratios(results, reference)

@@ -21,7 +21,7 @@ import sys as _sys
 # posteriors: Laplace, low-rank, mean-field, VIKING).
 from evon_jax.maths import eigenbasis, kronecker, whitening
 from evon_jax.maths import ivon_update, normal_draws
-from evon_jax.readout import bubble, metrics, posterior, predictive
+from evon_jax.readout import bubble, metrics, plots, posterior, predictive
 from evon_jax import transforms
 from evon_jax.transforms import (
     eigenbasis_refresh, eigenspace_adam, eigenspace_ivon, inject_noise, kronecker_factor_ema)
@@ -40,7 +40,8 @@ ivon_step, noise = ivon_update, normal_draws
 for _old, _module in {
     "kronecker": kronecker, "eigenbasis": eigenbasis, "whitening": whitening,
     "noise": normal_draws, "ivon_step": ivon_update, "bubble": bubble, "metrics": metrics,
-    "posterior": posterior, "predictive": predictive, "laplace": laplace, "lowrank": lowrank,
+    "posterior": posterior, "predictive": predictive, "plots": plots, "laplace": laplace,
+    "lowrank": lowrank,
     "meanfield": meanfield, "viking": viking,
 }.items():
   _sys.modules[f"evon_jax.{_old}"] = _module

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 import evon_jax
-from evon_jax.readout import metrics, predictive
+from evon_jax.readout import metrics, plots, predictive
 
 NUM_CLASSES = 10
 HIDDEN = 128
@@ -158,16 +158,6 @@ def summarize(probs: dict, labels: jax.Array) -> dict:
   return out
 
 
-def _reliability(probs, labels, num_bins=10):
-  """(mean confidence, accuracy, count) of the non-empty equal-width confidence bins."""
-  probs, labels = np.asarray(probs), np.asarray(labels)
-  confidence, correct = probs.max(-1), probs.argmax(-1) == labels
-  bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
-  rows = [(confidence[bins == b].mean(), correct[bins == b].mean(), np.sum(bins == b))
-          for b in range(num_bins) if np.any(bins == b)]
-  return np.array(rows).T
-
-
 def _pick_examples(probs: jax.Array, labels: jax.Array) -> list:
   """Two confident correct test digits (different classes), the most confident mistake and
   the least confident prediction, as (tag, index) pairs."""
@@ -199,11 +189,9 @@ def plot(path: str, data: Data, test_probs: dict, bma_probs: dict, adamw_probs: 
   ax = fig.add_subplot(top[0])
   ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
   for (name, probs), marker in zip(test_probs.items(), "osD"):
-    conf, acc, count = _reliability(probs, data.y_test)
     ece = float(metrics.expected_calibration_error(probs, data.y_test))
-    line, = ax.plot(conf, acc, lw=1, marker=marker, ms=3, label=f"{name} (ECE {ece:.3f})")
-    ax.scatter(conf, acc, s=8 + 300 * count / count.sum(), marker=marker, alpha=0.6,
-               color=line.get_color())
+    plots.reliability_diagram(ax, probs, data.y_test, num_bins=10, marker=marker,
+                              label=f"{name} (ECE {ece:.3f})", diagonal=False)
   ax.set(xlabel="confidence (max probability); 10 bins, marker area ~ bin size",
          ylabel="accuracy in bin",
          title="Reliability on test digits", xlim=(0, 1.02), ylim=(0, 1.02))

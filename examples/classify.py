@@ -57,7 +57,7 @@ import numpy as np
 import optax
 
 import evon_jax
-from evon_jax import metrics, predictive
+from evon_jax import metrics, plots, predictive
 
 NUM_CLASSES = 8  # classes 0-7 are in-distribution; 8 and 9 are the unseen-class OOD set
 BATCH_SIZE = 128
@@ -474,13 +474,6 @@ def run_dataset(dataset: str, seed: int = 0, steps: int | None = None,
 # -------------------------------------------------------------------------------- outputs
 
 
-def _reliability(probs, labels, num_bins=10):
-  """(bin, mean confidence, accuracy, count) of the non-empty bins."""
-  confidence, acc, count = (np.asarray(a) for a in metrics.reliability_bins(
-      jnp.asarray(probs), jnp.asarray(labels), num_bins))
-  return [(b, confidence[b], acc[b], count[b]) for b in range(num_bins) if count[b] > 0]
-
-
 def plot_reliability(path: str, run: dict, num_bins: int = 10) -> None:
   """One reliability diagram per predictive: accuracy per confidence bin (bars, labelled with
   the bin's count), the bin's mean confidence (red ticks) and the diagonal."""
@@ -490,20 +483,10 @@ def plot_reliability(path: str, run: dict, num_bins: int = 10) -> None:
   cols = 3
   rows = -(-len(names) // cols)
   fig = Figure(figsize=(3.6 * cols, 3.4 * rows))
-  width = 1.0 / num_bins
   for i, name in enumerate(names):
     ax = fig.add_subplot(rows, cols, i + 1)
-    rel = _reliability(run["_probs"][name], run["_labels"], num_bins)
-    centers = np.array([(b + 0.5) * width for b, *_ in rel])
-    conf = np.array([c for _, c, _, _ in rel])
-    acc = np.array([a for _, _, a, _ in rel])
-    count = np.array([n for *_, n in rel])
-    ax.bar(centers, acc, width=width * 0.9, color="C0", alpha=0.8, label="accuracy")
-    ax.scatter(centers, conf, marker="_", s=120, color="C3", lw=2, zorder=3,
-               label="mean confidence")
-    for x, y, n in zip(centers, acc, count):
-      ax.text(x, min(y + 0.02, 0.93), str(n), ha="center", fontsize=6)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    plots.reliability_diagram(ax, run["_probs"][name], run["_labels"], num_bins=num_bins,
+                              style="bars")
     r = run["results"][name]
     ax.set_title(f"{name}: acc {r['accuracy']:.3f}, ECE {r['ece']:.3f}", fontsize=9)
     ax.set(xlim=(0, 1), ylim=(0, 1))

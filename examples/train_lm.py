@@ -223,12 +223,9 @@ def make_model(args: argparse.Namespace, vocab_size: int):
 
 
 def _path_name(path) -> str:
-  parts = []
-  for entry in path:
-    name = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
-    if name != "value":
-      parts.append(str(name))
-  return "/".join(parts)
+  """'blocks/0/attn/kernel' (an nnx Variable's trailing 'value' entry dropped)."""
+  name = jax.tree_util.keystr(path, simple=True, separator="/")
+  return name[:-len("/value")] if name.endswith("/value") else name
 
 
 def is_block_matrix(name: str, leaf) -> bool:

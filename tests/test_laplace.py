@@ -423,6 +423,23 @@ def test_stacked_dims_equal_separate_leaves():
   assert np.all(np.asarray(cov_stacked["s"][:9, 9:]) == 0)
 
 
+def test_fit_on_a_stream_of_batches_equals_the_fit_on_arrays():
+  """A list of uneven batches and a function returning fresh iterators (a DataLoader-style
+  stream, read twice) give the in-memory fit; a one-shot iterator is refused."""
+  params, x, y = make_classifier()
+  options = dict(likelihood="classification", prior_precision=0.7, batch_size=4)
+  want = laplace.fit(mlp_apply, params, (x, y), **options)
+  cuts = [0, 5, 6, 13, len(y)]
+  batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+  for data in (batches, lambda: iter(batches)):
+    got = laplace.fit(mlp_apply, params, data, **options)
+    assert float(got.ess) == len(y)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="one-shot iterator"):
+    laplace.fit(mlp_apply, params, iter(batches), **options)
+
+
 @pytest.mark.parametrize("kwargs, data, match", [
     (dict(likelihood="poisson"), None, "likelihood"),
     (dict(likelihood="classification", fisher="kfac"), None, "fisher"),

@@ -222,3 +222,25 @@ def test_metrics_reject_logits_one_hot_and_float_labels():
       fn(probs, labels[:1])
     # Valid inputs pass, also under jit (where only shapes are checked).
     np.testing.assert_allclose(jax.jit(fn)(probs, labels), fn(probs, labels), rtol=1e-6)
+
+
+def test_reliability_diagram_draws_the_non_empty_bins():
+  """The one plotting helper (demo and classify use it): the bins it draws are the non-empty
+  ones of `reliability_bins`, in both styles."""
+  from matplotlib.figure import Figure
+  from evon_jax import plots
+
+  rng = np.random.default_rng(0)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(200, 3)) * 2.0), axis=-1)
+  labels = jnp.asarray(rng.integers(0, 3, size=200))
+  confidence, accuracy, count = (np.asarray(a) for a in metrics.reliability_bins(
+      probs, labels, 10))
+  for style, artists in (("line", "lines"), ("bars", "patches")):
+    ax = Figure().add_subplot()
+    got = plots.reliability_diagram(ax, probs, labels, num_bins=10, style=style)
+    keep = count > 0
+    for a, b in zip(got, (confidence[keep], accuracy[keep], count[keep])):
+      np.testing.assert_allclose(a, b)
+    assert len(getattr(ax, artists)) >= (1 if style == "line" else int(keep.sum()))
+  with pytest.raises(ValueError, match="style"):
+    plots.reliability_diagram(Figure().add_subplot(), probs, labels, style="pie")

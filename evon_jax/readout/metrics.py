@@ -15,6 +15,7 @@ Logarithms are natural (entropies in nats).
 from __future__ import annotations
 
 import jax
+import jax.scipy.special
 import jax.numpy as jnp
 
 __all__ = [
@@ -138,7 +139,7 @@ def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _entropy(probs: jax.Array) -> jax.Array:
-  return -jnp.sum(probs * _safe_log(probs), axis=-1)  # 0 log 0 = 0
+  return jnp.sum(jax.scipy.special.entr(probs), axis=-1)  # entr(0) = 0
 
 
 def predictive_entropy(probs: jax.Array) -> jax.Array:

@@ -40,6 +40,31 @@ def _split_data(data, name: str = "data"):
   return inputs, targets, n
 
 
+def is_in_memory(data) -> bool:
+  """True for an ``(inputs, targets)`` pair of arrays, False for an iterable of batches."""
+  return isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape")
+
+
+def data_batches(data, name: str = "data"):
+  """The ``(inputs, targets, n)`` batches of `data`: the pair itself, or each batch of an
+  iterable (a list of batches, a DataLoader-style object, or a function returning a fresh
+  iterator: the fit reads the data twice)."""
+  if is_in_memory(data):
+    yield _split_data(data, name)
+    return
+  stream = data() if callable(data) else data
+  if iter(stream) is stream and not callable(data):
+    raise ValueError(f"{name} is a one-shot iterator, but the fit passes over the data twice: "
+                     "pass a list of batches, a re-iterable loader, or a function returning a "
+                     "fresh iterator.")
+  empty = True
+  for batch in stream:
+    empty = False
+    yield _split_data(tuple(batch) if isinstance(batch, list) else batch, f"a batch of {name}")
+  if empty:
+    raise ValueError(f"{name} yielded no batches.")
+
+
 def _chunks(n: int, batch_size: int):
   """(indices, mask) per chunk: every chunk has `batch_size` rows (one compilation); the last
   one repeats its final valid example, masked out, so padding never feeds odd inputs."""

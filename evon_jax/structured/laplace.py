@@ -61,7 +61,7 @@ from evon_jax.maths.kronecker import bases_to_storage, mean_factor_statistics, r
 
 from evon_jax.structured._laplace_common import (  # noqa: F401  (DEFAULT_GRID re-exported)
     DEFAULT_GRID, _EXACT, _FISHERS, _LIKELIHOODS, ApplyFn, Fisher, Likelihood, _check_outputs,
-    _chunks, _split_data, _take)
+    _chunks, _take, data_batches)
 from evon_jax.structured.laplace_evidence import (  # the evidence and the choice of λ
     PriorPrecisionSearch, log_likelihood, log_marginal_likelihood, tune_prior_precision,
     with_prior_precision)
@@ -168,7 +168,9 @@ def fit(
     data: ``(inputs, targets)``, arrays (inputs may be a pytree of arrays) with a leading
       example axis, NumPy or JAX: chunks of ``batch_size`` are moved to the device one at a
       time. Integer labels ``(n,)`` for classification; targets shaped like the outputs for
-      regression.
+      regression. Or any re-iterable of such ``(inputs, targets)`` batches (a list, a
+      DataLoader-style loader, or a function returning a fresh iterator: the fit reads the
+      data twice), of any batch sizes; the model's outputs are checked on the first batch.
     likelihood: 'classification' (softmax cross-entropy) or 'regression' (Gaussian).
     prior_precision: λ of the prior ``N(0, I/λ)`` (`tune_prior_precision` can choose it).
     num_data: N, the training-set size the posterior is scaled to (default: the number of
@@ -193,17 +195,16 @@ def fit(
   check.check_static_int("batch_size", batch_size, 1)
   if fisher == "sampled" and key is None:
     raise ValueError("fisher='sampled' draws targets from the model: pass a PRNG key.")
-  inputs, targets, n = _split_data(data)
-  if num_data is None:
-    num_data = n
-  check.check_positive("num_data", num_data)
-  # The template fixes layouts, dtypes and storage exactly as EVON's own init does.
+  first_inputs, first_targets, _ = next(data_batches(data))
+  if num_data is not None:
+    check.check_positive("num_data", num_data)
+  # The template fixes layouts, dtypes and storage exactly as EVON's own init does (its ess
+  # and weight decay are replaced at the end, once the data are counted).
   template = jax.jit(lambda p: posterior.bubble(evon(  # one compilation, not many eager
-      0.0, ess=float(num_data), hess_init=1.0,
-      weight_decay=float(prior_precision) / float(num_data), max_precond_dim=max_precond_dim,
+      0.0, ess=1.0, hess_init=1.0, weight_decay=1.0, max_precond_dim=max_precond_dim,
       precondition_1d=precondition_1d, stacked_dims=stacked_dims,
       dimension_numbers=dimension_numbers).init(p)))(params)
-  _check_outputs(apply_fn, params, inputs, targets, likelihood, batch_size)
+  _check_outputs(apply_fn, params, first_inputs, first_targets, likelihood, batch_size)
   leaves, treedef = jax.tree.flatten(params)
   layouts = tree_layouts(params, max_precond_dim=max_precond_dim,
                          precondition_1d=precondition_1d, stacked_dims=stacked_dims,
@@ -219,7 +220,7 @@ def fit(
     key = jax.random.key(0 if key is None else int(key))
 
   over_data = lambda statistic, *extra: _data_mean(
-      statistic, chunk_fn, trainable, inputs, targets, n, batch_size, key, *extra)
+      statistic, chunk_fn, trainable, data, batch_size, key, *extra)
 
   def factor_sums(grads):
     return [jax.tree.map(lambda s, count=g.shape[0]: s * count,
@@ -227,7 +228,7 @@ def fit(
             for g, layout in zip(grads, trainable_layouts)]
 
   if any(layout.any_rotated for layout in trainable_layouts):
-    factors = over_data(factor_sums)
+    factors, _ = over_data(factor_sums)
   else:  # no leaf has a basis: skip the first pass
     factors = [(None,) * len(layout.axes) for layout in trainable_layouts]
   bases = jax.jit(lambda pairs: [jax.tree.map(eigenbasis.fresh_eigenbasis, pair)
@@ -237,7 +238,8 @@ def fit(
     return [jnp.sum(jnp.square(rotate_in(g, q, _EXACT)), axis=0)
             for g, q in zip(grads, bases)]
 
-  hessians = over_data(rotated_squares, bases)
+  hessians, n = over_data(rotated_squares, bases)
+  num_data = n if num_data is None else num_data
   if not all(bool(jnp.all(jnp.isfinite(h))) for h in hessians):
     raise ValueError("The GGN has non-finite entries: the model's outputs or gradients at "
                      "`params` are not finite on some examples of `data`.")
@@ -247,20 +249,24 @@ def fit(
   return assemble(template, [jnp.asarray(leaf) for leaf in leaves], factors, bases, hessians)
 
 
-def _data_mean(statistic, chunk_fn, trainable, inputs, targets, n, batch_size, key, *extra):
-  """Σ over the data of `statistic(pseudo-gradients per leaf, *extra)`, then / n, one
-  compiled chunk at a time."""
+def _data_mean(statistic, chunk_fn, trainable, data, batch_size, key, *extra):
+  """(Σ over the data of `statistic(pseudo-gradients per leaf, *extra)` / n, n), one
+  compiled chunk of `batch_size` examples at a time (batches of a stream are chunked too)."""
   @jax.jit
   def chunk_sum(trainable, x, y, mask, chunk_key, *extra):
     return statistic(chunk_fn(trainable, x, y, mask, chunk_key), *extra)
 
-  total = None
-  for c, (index, mask) in enumerate(_chunks(n, batch_size)):
-    # The same key per chunk in both passes: 'sampled' targets are drawn once.
-    part = chunk_sum(trainable, _take(inputs, index), _take(targets, index), mask,
-                     jax.random.fold_in(key, c), *extra)
-    total = part if total is None else jax.tree.map(jnp.add, total, part)
-  return jax.tree.map(lambda s: s / n, total)
+  total, n, c = None, 0, 0
+  for inputs, targets, size in data_batches(data):
+    for index, mask in _chunks(size, batch_size):
+      # The same key per chunk in both passes: 'sampled' targets are drawn once (a stream
+      # must then yield its batches in the same order twice).
+      part = chunk_sum(trainable, _take(inputs, index), _take(targets, index), mask,
+                       jax.random.fold_in(key, c), *extra)
+      total = part if total is None else jax.tree.map(jnp.add, total, part)
+      c += 1
+    n += size
+  return jax.tree.map(lambda s: s / n, total), n
 
 
 def _laplace_state(template, treedef, layouts, leaves, trainable_ids, factors, bases,

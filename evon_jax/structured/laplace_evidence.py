@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import _validation as check
-from evon_jax.readout import posterior, predictive
+from evon_jax.readout import metrics, posterior, predictive
 from evon_jax.readout.bubble import SoapBubble
 from evon_jax.readout.posterior import stored_layouts
 from evon_jax.structured._laplace_common import (
@@ -275,9 +275,7 @@ def _tune_nll(state, apply_fn, validation, likelihood, sigma_noise, grid, key, n
     if likelihood == "classification":
       average = (predictive.linearized_predictive if predictive_kind == "linearized"
                  else predictive.bayesian_model_average)
-      probs = average(key, apply_fn, candidate, inputs, num_samples)
-      picked = jnp.take_along_axis(probs, targets[:, None], axis=-1)[:, 0]
-      return -jnp.mean(jnp.log(jnp.maximum(picked, jnp.finfo(picked.dtype).tiny)))
+      return metrics.nll(average(key, apply_fn, candidate, inputs, num_samples), targets)
     if predictive_kind == "linearized":
       outputs = predictive.linearized_logits(key, apply_fn, candidate, inputs, num_samples)
     else:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 try:
   from flax import nnx
@@ -126,7 +127,7 @@ def low_rank_weight(params: dict) -> jax.Array:
 
 def num_parameters(tree: Any) -> int:
   """Total number of scalar entries in a pytree of arrays (e.g. r(in + out) + out per layer)."""
-  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
+  return int(optax.tree_utils.tree_size(tree))
 
 
 def init_low_rank_mlp(key: jax.Array, sizes: Sequence[int], rank: int, *,

@@ -99,12 +99,12 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg
+import optax
 from jax.flatten_util import ravel_pytree
 
 from evon_jax._validation import check_positive
@@ -153,7 +153,7 @@ def init(params, *, sigma_ker: float = 0.1, sigma_im: float = 0.01) -> VikingPar
 
 
 def _num_parameters(tree) -> int:
-  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
+  return int(optax.tree_utils.tree_size(tree))
 
 
 def kl_divergence(q: VikingParams, rank, prior_precision,
