@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 import evon_jax
+from evon_jax._progress import progress
 from evon_jax.lowrank import num_parameters as _num_entries
 
 _CLASSIFY = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "classify.py")
@@ -371,7 +372,7 @@ def run_dataset(dataset: str, seed: int = 0, quick: bool = False, methods=None,
       + ", ".join(f"{k} {v.shape[0]}" for k, v in data.ood.items())
       + f"; hidden {config['hidden']}, {config['steps']} steps, rank {config['rank']}")
   results, info, probs, predictors_kept = {}, {}, {}, {}
-  for method in methods:
+  for method in progress(methods, f"{dataset}: fitting"):
     start = time.perf_counter()
     fit = FITTERS[method](settings.get(method, {}), data, config, seed)
     for name, predictor in fit.items():

@@ -58,6 +58,7 @@ import optax
 
 import evon_jax
 from evon_jax import metrics, plots, predictive
+from evon_jax._progress import progress
 
 NUM_CLASSES = 8  # classes 0-7 are in-distribution; 8 and 9 are the unseen-class OOD set
 BATCH_SIZE = 128
@@ -448,7 +449,8 @@ def run_dataset(dataset: str, seed: int = 0, steps: int | None = None,
   settings = dict(settings or TUNED[dataset])
   settings["ensemble"] = settings["MAP"]
   results, probs, seconds = {}, {}, {}
-  for method in ("MAP", "ensemble", "MC dropout", "IVON", "EVON"):
+  for method in progress(("MAP", "ensemble", "MC dropout", "IVON", "EVON"),
+                         f"{dataset}: training"):
     start = time.perf_counter()
     predictors = fit_method(method, settings[method], data, config["hidden"], config["steps"],
                             seed)

@@ -478,3 +478,26 @@ def test_model_output_and_tuning_errors(plain_fit):
     laplace.tune_prior_precision(state, method="marglik", log_likelihood=0.0, grid=[0.0, 1.0])
   with pytest.raises(ValueError, match="prior_precision"):
     laplace.with_prior_precision(state, -1.0)
+
+
+def test_long_fits_report_progress_and_the_search_plots(caplog, plain_fit):
+  """Not interactive (pytest captures stderr): INFO records on the 'evon_jax' logger."""
+  import logging
+  from matplotlib.figure import Figure
+  from evon_jax import plots
+
+  params, x, y = make_classifier()
+  with caplog.at_level(logging.INFO, logger="evon_jax"):
+    laplace.fit(mlp_apply, params, (x, y), likelihood="classification", batch_size=4)
+  messages = [r.getMessage() for r in caplog.records if r.name == "evon_jax"]
+  # 15 examples in chunks of 4: both passes report their 4 chunks.
+  assert any("laplace.fit: GGN diagonal: finished 4 steps" in m for m in messages), messages
+  assert any("laplace.fit: Kronecker factors: started (4 steps)" in m for m in messages)
+  fit_params, fit_x, fit_y, state = plain_fit
+  _, search = laplace.tune_prior_precision(
+      state, method="nll", apply_fn=mlp_apply, validation=(fit_x, fit_y), key=0,
+      num_samples=4, grid=[0.1, 1.0, 10.0])
+  ax = Figure().add_subplot()
+  line = plots.prior_precision_search(ax, search)
+  np.testing.assert_allclose(line.get_xdata(), [0.1, 1.0, 10.0])
+  np.testing.assert_allclose(line.get_ydata(), np.asarray(search.objective))

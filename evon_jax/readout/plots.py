@@ -7,7 +7,7 @@ import numpy as np
 
 from evon_jax.readout import metrics
 
-__all__ = ["reliability_diagram"]
+__all__ = ["reliability_diagram", "prior_precision_search"]
 
 
 def reliability_diagram(ax, probs, labels, *, num_bins: int = 10, style: str = "line",
@@ -45,3 +45,18 @@ def reliability_diagram(ax, probs, labels, *, num_bins: int = 10, style: str = "
     for x, y, n in zip(centers, accuracy, count):
       ax.text(x, min(y + 0.02, 0.93), str(int(n)), ha="center", fontsize=6)
   return confidence, accuracy, count
+
+
+def prior_precision_search(ax, search, *, label=None):
+  """Plots what `evon_jax.laplace.tune_prior_precision` evaluated: its objective (the log
+  evidence or the validation NLL) against λ on a log axis, with the chosen λ marked.
+
+  ``search`` is the `PriorPrecisionSearch` the tuning returns.
+  """
+  grid, objective = np.asarray(search.grid), np.asarray(search.objective)
+  order = np.argsort(grid)
+  line, = ax.plot(grid[order], objective[order], marker="o", ms=3, lw=1, label=label)
+  ax.axvline(float(search.prior_precision), color=line.get_color(), ls=":", lw=1)
+  ax.set_xscale("log")
+  ax.set_xlabel("prior precision λ")
+  return line

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evon_jax import _validation as check
+from evon_jax._progress import progress
 from evon_jax.maths import eigenbasis
 from evon_jax.readout import posterior
 from evon_jax.readout.bubble import SoapBubble
@@ -61,7 +62,7 @@ from evon_jax.maths.kronecker import bases_to_storage, mean_factor_statistics, r
 
 from evon_jax.structured._laplace_common import (  # noqa: F401  (DEFAULT_GRID re-exported)
     DEFAULT_GRID, _EXACT, _FISHERS, _LIKELIHOODS, ApplyFn, Fisher, Likelihood, _check_outputs,
-    _chunks, _take, data_batches)
+    _chunks, _take, data_batches, is_in_memory)
 from evon_jax.structured.laplace_evidence import (  # the evidence and the choice of λ
     PriorPrecisionSearch, log_likelihood, log_marginal_likelihood, tune_prior_precision,
     with_prior_precision)
@@ -219,8 +220,8 @@ def fit(
   if key is None or isinstance(key, (int, np.integer)):
     key = jax.random.key(0 if key is None else int(key))
 
-  over_data = lambda statistic, *extra: _data_mean(
-      statistic, chunk_fn, trainable, data, batch_size, key, *extra)
+  over_data = lambda desc, statistic, *extra: _data_mean(
+      desc, statistic, chunk_fn, trainable, data, batch_size, key, *extra)
 
   def factor_sums(grads):
     return [jax.tree.map(lambda s, count=g.shape[0]: s * count,
@@ -228,7 +229,7 @@ def fit(
             for g, layout in zip(grads, trainable_layouts)]
 
   if any(layout.any_rotated for layout in trainable_layouts):
-    factors, _ = over_data(factor_sums)
+    factors, _ = over_data("laplace.fit: Kronecker factors", factor_sums)
   else:  # no leaf has a basis: skip the first pass
     factors = [(None,) * len(layout.axes) for layout in trainable_layouts]
   bases = jax.jit(lambda pairs: [jax.tree.map(eigenbasis.fresh_eigenbasis, pair)
@@ -238,7 +239,7 @@ def fit(
     return [jnp.sum(jnp.square(rotate_in(g, q, _EXACT)), axis=0)
             for g, q in zip(grads, bases)]
 
-  hessians, n = over_data(rotated_squares, bases)
+  hessians, n = over_data("laplace.fit: GGN diagonal", rotated_squares, bases)
   num_data = n if num_data is None else num_data
   if not all(bool(jnp.all(jnp.isfinite(h))) for h in hessians):
     raise ValueError("The GGN has non-finite entries: the model's outputs or gradients at "
@@ -249,23 +250,30 @@ def fit(
   return assemble(template, [jnp.asarray(leaf) for leaf in leaves], factors, bases, hessians)
 
 
-def _data_mean(statistic, chunk_fn, trainable, data, batch_size, key, *extra):
+def _data_mean(desc, statistic, chunk_fn, trainable, data, batch_size, key, *extra):
   """(Σ over the data of `statistic(pseudo-gradients per leaf, *extra)` / n, n), one
   compiled chunk of `batch_size` examples at a time (batches of a stream are chunked too)."""
   @jax.jit
   def chunk_sum(trainable, x, y, mask, chunk_key, *extra):
     return statistic(chunk_fn(trainable, x, y, mask, chunk_key), *extra)
 
-  total, n, c = None, 0, 0
-  for inputs, targets, size in data_batches(data):
-    for index, mask in _chunks(size, batch_size):
-      # The same key per chunk in both passes: 'sampled' targets are drawn once (a stream
-      # must then yield its batches in the same order twice).
-      part = chunk_sum(trainable, _take(inputs, index), _take(targets, index), mask,
-                       jax.random.fold_in(key, c), *extra)
-      total = part if total is None else jax.tree.map(jnp.add, total, part)
-      c += 1
-    n += size
+  counted = [0]
+
+  def chunks():
+    for inputs, targets, size in data_batches(data):
+      counted[0] += size
+      for index, mask in _chunks(size, batch_size):
+        yield _take(inputs, index), _take(targets, index), mask
+
+  in_memory = is_in_memory(data)
+  total = None
+  for c, (x, y, mask) in enumerate(progress(
+      chunks(), desc, total=-(-len(data[1]) // batch_size) if in_memory else None)):
+    # The same key per chunk in both passes: 'sampled' targets are drawn once (a stream
+    # must then yield its batches in the same order twice).
+    part = chunk_sum(trainable, x, y, mask, jax.random.fold_in(key, c), *extra)
+    total = part if total is None else jax.tree.map(jnp.add, total, part)
+  n = counted[0]
   return jax.tree.map(lambda s: s / n, total), n
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import _validation as check
+from evon_jax._progress import progress
 from evon_jax.readout import metrics, posterior, predictive
 from evon_jax.readout.bubble import SoapBubble
 from evon_jax.readout.posterior import stored_layouts
@@ -288,6 +289,7 @@ def _tune_nll(state, apply_fn, validation, likelihood, sigma_noise, grid, key, n
     mixture = jax.nn.logsumexp(per_sample, axis=0) - math.log(num_samples)
     return -jnp.mean(mixture)
 
-  objective = jnp.stack([nll(value) for value in grid])
+  objective = jnp.stack([nll(value) for value in progress(
+      grid, "tune_prior_precision: validation NLL over the grid")])
   best = grid[int(jnp.argmin(objective))]
   return best, objective, best
