@@ -47,7 +47,7 @@ def mlp_problem(seed: int = 0, batch: int = 24, features: int = 12, width: int =
     h = x
     for i in range(len(sizes) - 1):
       layer = params[f"layer{i}"]
-      h = h @ layer["kernel"] + layer["bias"]
+      h = h @ layer["kernel"] + layer["bias"][None]
       if i < len(sizes) - 2:
         h = jnp.tanh(h)
     return jnp.mean((h - y) ** 2)

@@ -1,6 +1,6 @@
 """Independent NumPy (float64) re-derivations of IVON, EVON and SOAP, used as test oracles.
 
-Written from docs/ALGORITHM.md only. Every step takes the gradient and the noise as inputs, so a
+Written from the mathematics (docs/algorithm.md) only. Every step takes the gradient and the noise as inputs, so a
 test can feed these references exactly the numbers the JAX optimizer saw and compare the means.
 
 Conventions shared by the three references:
@@ -68,7 +68,7 @@ def hessian_baseline(momentum, b1, t, kind):
 
 
 def ivon_hessian_update(hess, hess_hat, b2, weight_decay):
-  """IVON's positivity-preserving EMA of the Hessian estimate (ALGORITHM.md step 3)."""
+  """IVON's positivity-preserving EMA of the Hessian estimate (docs/algorithm.md, step 3)."""
   return (b2 * hess + (1 - b2) * hess_hat
           + 0.5 * (1 - b2) ** 2 * (hess - hess_hat) ** 2 / (hess + weight_decay))
 

@@ -80,3 +80,18 @@ def test_peers_run_or_skip(quick):
   for record in peers["records"]:
     for res in record["results"].values():
       assert res["finite"] and _positive(res["mean_ms"])
+
+
+def test_hyperparameter_sweep_and_sensitivity_run():
+  """The two scripts' entry points at tiny sizes: finite scores from every method kind."""
+  from benchmarks import hyperparameters, sensitivity
+
+  results = hyperparameters.sweep(["iris"], seeds=(0,), only={
+      "AdamW", "IVON (defaults, lr 0.1)", "EVON whiten=True b2=0.9999 h0=0.1 lr=0.01"})
+  assert set(results["iris"]) == {"AdamW", "IVON (defaults, lr 0.1)",
+                                  "EVON whiten=True b2=0.9999 h0=0.1 lr=0.01"}
+  for runs in results["iris"].values():
+    assert all(math.isfinite(r["nll"]) and 0 <= r["accuracy"] <= 1 for r in runs)
+  assert "| config | accuracy | NLL | ECE |" in hyperparameters.table(results)
+  # AdamW does not amplify input noise (measured 2e-7 at 1e-7 relative noise).
+  assert sensitivity.amplification(sensitivity.optimizers()["optax.adamw"], steps=3) < 1e-5

@@ -1,4 +1,4 @@
-"""EVON's exactness claims (ALGORITHM.md), measured as KL(q || q*) against exact posteriors.
+"""EVON's exactness claims (docs/algorithm.md), measured as KL(q || q*) against exact posteriors.
 
 * Bayesian logistic regression with a full basis (one 1-D weight, `precondition_1d`): the
   fixed point is the optimal full-covariance Gaussian q*, computed in float64 without Monte
@@ -10,7 +10,7 @@
 Every run is full batch in drop-in mode; the gradient-evaluation budget counts every call,
 including the first one (at the mean), so calls = 1 + steps * mc_samples <= 40,000.
 
-Options ("remedies", ALGORITHM.md "Exactness in practice"), tuned on these problems:
+Options ("remedies", docs/algorithm.md "Exactness, and the options that reach it"), tuned on these problems:
 refresh_method='eigh', factor_gradient='regularized', factor_statistic='per_sample',
 mc_samples=8, b2=0.999 (the Hessian EMA forgets hess_init within the budget), shampoo_b=0.9995
 (factor EMA averaged over ~2,000 steps x 8 samples), and a learning rate that is constant for
@@ -22,7 +22,7 @@ Measured (CPU, float32, keys 0-3), KL in nats, split as mean + basis + spectrum:
   synthetic, remedies:          0.0022-0.0028 (0.0003 + 0.0015 + 0.0004 at key 0)
   synthetic, reference options: best 0.28 over mc_samples {1, 8} x constant lr {0.003, 0.01,
                                 0.03} x shampoo_b {0.999, 0.9995, 0.9999} (basis part 0.28-0.46:
-                                the loss-gradient factor's rank-one bias, ALGORITHM.md cause 2)
+                                the loss-gradient factor's rank-one bias, docs/algorithm.md cause 2)
   digits (delta=1e-2), remedies: 0.013-0.014 (basis part 0.012)
   digits, reference options:    best 0.042
   Kronecker quadratic (averaging lr): 0.0023-0.0038 (remedies), 0.0041-0.0092 (reference

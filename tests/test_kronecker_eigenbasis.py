@@ -262,7 +262,7 @@ def test_refresh_is_a_no_op_without_bases():
 
 
 def _newton_schulz_numpy(x, steps=5):
-  """The quintic iteration of ALGORITHM.md in float64 (independent re-implementation)."""
+  """The quintic iteration of docs/algorithm.md in float64 (independent re-implementation)."""
   a, b, c = 3.4445, -4.7750, 2.0315
   transpose = x.shape[0] > x.shape[1]
   if transpose:
