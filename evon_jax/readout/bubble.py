@@ -55,8 +55,9 @@ class EigenPosterior(NamedTuple):
 def per_leaf_scalar(value, treedef) -> list:
   """`ess` or `weight_decay` of a bubble, one entry per leaf of its mean's `treedef`: a
   scalar is every leaf's, a tree (a `combine`d bubble) gives each leaf its own."""
-  if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
-    return [value] * treedef.num_leaves
+  leaves = jax.tree.leaves(value)
+  if len(leaves) == 1:  # one scalar (possibly wrapped, e.g. in an nnx Variable)
+    return leaves * treedef.num_leaves
   return treedef.flatten_up_to(value)
 
 
