@@ -224,7 +224,8 @@ def ivon(
 
   Exactly EVON with identity bases, ``eps = 0`` and no whitening: per parameter,
   ``ĥ = E (G - b) / V`` (b: the bias-corrected momentum of the earlier steps; 0 with
-  ``hessian_baseline=None``, the reference's estimate; see `evon`), ``m ← b1 m + (1-b1) g``, ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
+  ``hessian_baseline=None``, the reference's estimate; see `evon`), ``m ← b1 m + (1-b1) g``,
+  ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
   ``μ ← μ - lr' clip((m/(1-b1ᵗ) + δ μ)/(h + δ), clip_radius)`` with
   ``lr' = lr (hess_init + δ)`` when ``rescale_lr``. Posterior ``N(μ, 1/(ess (h + δ)))``.
   Drop-in and explicit modes, ``mc_samples``, ``key``, ``dtype``, ``momentum_dtype``,

@@ -25,6 +25,14 @@ def price_hessian_estimate(mean_normal_times_grad, hessian, ess, weight_decay):
   return mean_normal_times_grad * jnp.sqrt(ess * (hessian + weight_decay))
 
 
+def momentum_baseline(momentum, b1, t):
+  """Ḡ/(1 - b1^(t-1)), the bias-corrected momentum of the steps before step t (0 at t = 1):
+  the Price estimate's control variate (`hessian_baseline='momentum'`)."""
+  seen = t - 1
+  scale = jnp.where(seen > 0, 1 / (1 - b1 ** jnp.maximum(seen, 1)), 0.0)  # one scalar
+  return momentum.astype(jnp.result_type(momentum, jnp.float32)) * scale
+
+
 def clip_hessian_estimate(estimate, hessian, ratio, eps):
   """Keeps ĥ within ±ratio (H + eps): damps rare huge estimates (`hess_clip_ratio`)."""
   bound = ratio * (hessian + eps)

@@ -105,6 +105,11 @@ def _masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def _slots_of(tree) -> list:
+  """A tree's leaves with `optax.MaskedNode` kept as a leaf (one slot per parameter)."""
+  return jax.tree.flatten(tree, is_leaf=_masked)[0]
+
+
 def combine(bubbles: Sequence[SoapBubble]) -> SoapBubble:
   """One bubble of several posteriors that own disjoint leaves of the same parameter tree.
 
@@ -116,21 +121,24 @@ def combine(bubbles: Sequence[SoapBubble]) -> SoapBubble:
   bubbles = list(bubbles)
   if len(bubbles) == 1:
     return bubbles[0]
-  flat = [jax.tree.flatten(b.mean, is_leaf=_masked) for b in bubbles]
-  treedef = flat[0][1]
-  if any(other != treedef for _, other in flat[1:]):
+  for b in bubbles:
+    if any(jnp.ndim(x) for x in jax.tree.leaves((b.ess, b.weight_decay))):
+      raise ValueError("combine takes bubbles with scalar ess and weight_decay.")
+  treedef = jax.tree.structure(bubbles[0].mean, is_leaf=_masked)
+  if any(jax.tree.structure(b.mean, is_leaf=_masked) != treedef for b in bubbles[1:]):
     raise ValueError("The posteriors do not share one parameter tree; combine reads "
                      "several posteriors of one model (e.g. the groups of optax.partition).")
+  means = [_slots_of(b.mean) for b in bubbles]
   owners = []
   for i in range(treedef.num_leaves):
-    owning = [k for k, (leaves, _) in enumerate(flat) if not _masked(leaves[i])]
+    owning = [k for k, leaves in enumerate(means) if not _masked(leaves[i])]
     if len(owning) > 1:
       raise ValueError(f"Leaf {i} of the parameter tree is held by {len(owning)} posteriors "
                        "(two EVON/IVON states over the same leaves); each leaf may have one.")
     owners.append(owning[0] if owning else None)
 
   def pick(trees):
-    columns = [jax.tree.flatten(t, is_leaf=_masked)[0] for t in trees]
+    columns = [_slots_of(t) for t in trees]
     return treedef.unflatten([optax.MaskedNode() if k is None else columns[k][i]
                               for i, k in enumerate(owners)])
 
@@ -144,18 +152,14 @@ def combine(bubbles: Sequence[SoapBubble]) -> SoapBubble:
     count = max(len(store) for store in stores)
     out = []
     for k in range(count):
-      columns = [jax.tree.flatten(store[k], is_leaf=_masked)[0] if k < len(store) else None
-                 for store in stores]
+      columns = [_slots_of(store[k]) if k < len(store) else None for store in stores]
       out.append(treedef.unflatten([
           optax.MaskedNode() if owner is None else
           columns[owner][i] if columns[owner] is not None else
-          jnp.ones((1,), jnp.result_type(flat[owner][0][i]))
+          jnp.ones((1,), jnp.result_type(means[owner][i]))
           for i, owner in enumerate(owners)]))
     return tuple(out)
 
-  for b in bubbles:
-    if any(jnp.ndim(x) for x in jax.tree.leaves((b.ess, b.weight_decay))):
-      raise ValueError("combine takes bubbles with scalar ess and weight_decay.")
   # Factors are kept only when every posterior has them (a post-hoc fit may not).
   factors = slots([b.factors for b in bubbles]) if all(b.factors for b in bubbles) else ()
   return SoapBubble(

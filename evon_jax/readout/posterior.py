@@ -80,22 +80,19 @@ def _per_leaf(state: SoapBubble):
   """Yields (layout, mean°, variance V, basis) per leaf; layout is None for frozen leaves."""
   treedef = jax.tree.structure(state.mean)
   layouts = stored_layouts(state)
-  for layout, mean_eigen, hessian, basis, ess, weight_decay in zip(
+  for layout, mean_eigen, hessian, basis, (ess, weight_decay) in zip(
       layouts, treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.hessian),
-      storage_to_bases(state.bases, treedef, layouts), per_leaf_scalar(state.ess, treedef),
-      per_leaf_scalar(state.weight_decay, treedef)):
+      storage_to_bases(state.bases, treedef, layouts), _leaf_scalars(state)):
     if not layout.trainable:
       yield None, mean_eigen, None, basis
       continue
     yield layout, mean_eigen, _variance(ess, weight_decay, hessian), basis
 
 
-def _prior_precisions(state: SoapBubble) -> list:
-  """ess δ of every trainable leaf (one value, or each group's own after `combine`)."""
+def _leaf_scalars(state: SoapBubble):
+  """(ess, δ) per leaf: the bubble's, or each group's own after `combine`."""
   treedef = jax.tree.structure(state.mean)
-  pairs = zip(per_leaf_scalar(state.ess, treedef), per_leaf_scalar(state.weight_decay, treedef))
-  return [ess * weight_decay for (layout, *_), (ess, weight_decay)
-          in zip(_per_leaf(state), pairs) if layout is not None]
+  return zip(per_leaf_scalar(state.ess, treedef), per_leaf_scalar(state.weight_decay, treedef))
 
 
 def _map_leaves(state: SoapBubble, trainable_fn, frozen_fn):
@@ -273,8 +270,10 @@ def kl_to_prior(opt_state) -> jax.Array:
   """
   state = bubble(opt_state)
   total = jnp.zeros([], jnp.float32)
-  trainable = [(m, v) for layout, m, v, _ in _per_leaf(state) if layout is not None]
-  for (m, v), prior_precision in zip(trainable, _prior_precisions(state)):
+  for (layout, m, v, _), (ess, weight_decay) in zip(_per_leaf(state), _leaf_scalars(state)):
+    if layout is None:
+      continue
+    prior_precision = ess * weight_decay
     total = total + 0.5 * jnp.sum(
         prior_precision * (v + m * m) - 1.0 - jnp.log(prior_precision) - jnp.log(v))
   return total

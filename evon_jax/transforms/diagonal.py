@@ -24,13 +24,6 @@ from evon_jax.transforms._common import (
     zero_unless)
 
 
-def previous_gradient_estimate(momentum, b1, t):
-  """Ḡ/(1 - b1^(t-1)): the bias-corrected momentum of the steps before step t (0 at t = 1)."""
-  seen = t - 1
-  correction = 1 - b1 ** jnp.maximum(seen, 1)
-  return jnp.where(seen > 0, momentum.astype(jnp.result_type(momentum, jnp.float32)) / correction, 0.0)
-
-
 def _diagonal_layouts(tree):
   """Without a refresh around it a diagonal method sees each leaf as itself (the matrix view
   of whitening merges all dims but the last)."""
@@ -132,7 +125,7 @@ class IvonSpec(protocol.Spec):
     if self.hessian_baseline == "momentum":
       # Control variate: z is independent of the momentum (earlier steps' gradients), so
       # mean_s(z_s (G_s - b)) has the same mean as mean_s(z_s G_s) without its g(M)² term.
-      baseline = previous_gradient_estimate(momentum, hp.b1, t)
+      baseline = ivon_step.momentum_baseline(momentum, hp.b1, t)
       normal_times_grad = normal_times_grad - jnp.mean(record.normals, axis=0) * baseline
     grad, normal_times_grad = zero_unless(
         gates.active, replica_mean((grad, normal_times_grad), replica_axis))
