@@ -2,6 +2,7 @@
 
     python -m benchmarks.hyperparameters             # ~10 min on 2 CPU cores
     python -m benchmarks.hyperparameters --quick     # one dataset, two configs (smoke test)
+    python -m benchmarks.hyperparameters --defaults  # the defaults vs IVON, AdamW: 4 seeds, ~11 min
 
 Per dataset (scikit-learn's iris, wine, breast cancer, digits and two moons; standardised,
 a fixed 60/40 split), an MLP (in-64-64-classes, ReLU) is trained for 1,500 minibatch steps
@@ -83,6 +84,22 @@ def configs(n: int) -> dict:
   return out
 
 
+def default_configs(n: int) -> dict:
+  """`evon`'s defaults (only lr given) against the candidates they were chosen from."""
+  n = float(n)
+  return {
+      "AdamW": lambda: optax.adamw(1e-3, weight_decay=1e-2),
+      "IVON (defaults, lr 0.1)": lambda: evon_jax.ivon(0.1, ess=n, key=0),
+      "EVON defaults, lr 0.05": lambda: evon_jax.evon(0.05, ess=n, key=0),
+      "EVON whiten=True, lr 0.01 (h0 0.1)": lambda: evon_jax.evon(0.01, ess=n, whiten=True,
+                                                                    key=0),
+      "EVON whiten=True, lr 0.01, h0 0.1, δ 1e-6 (old defaults)": lambda: evon_jax.evon(
+          0.01, ess=n, whiten=True, hess_init=0.1, weight_decay=1e-6, key=0),
+      "EVON whiten=True, lr 0.01, b2 0.99999": lambda: evon_jax.evon(
+          0.01, ess=n, whiten=True, b2=0.99999, key=0),
+  }
+
+
 def run(make_tx, train, test, seed):
   (x, y), (x_test, y_test) = train, test
   classes = int(max(int(y.max()), int(y_test.max())) + 1)
@@ -110,14 +127,14 @@ def run(make_tx, train, test, seed):
           "ece": float(metrics.expected_calibration_error(probs, y_test))}
 
 
-def sweep(names=None, seeds=(0, 1), only=None) -> dict:
+def sweep(names=None, seeds=(0, 1), only=None, make_configs=None) -> dict:
   out = {}
   for dataset, (x, y) in datasets().items():
     if names and dataset not in names:
       continue
     for seed in seeds:
       train, test = split(np.asarray(x, np.float64), np.asarray(y), seed)
-      chosen = configs(int(train[1].shape[0]))
+      chosen = (make_configs or configs)(int(train[1].shape[0]))
       if only:
         chosen = {k: v for k, v in chosen.items() if k in only}
       for name, make in progress(chosen.items(), f"{dataset} seed {seed}", total=len(chosen)):
@@ -139,22 +156,28 @@ def table(results: dict) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--defaults", action="store_true",
+                      help="evon's defaults against IVON and AdamW, seeds 0-3")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
   start = time.time()
+  seeds = (0, 1, 2, 3) if args.defaults else (0, 1)
   if args.quick:
     results = sweep(["iris"], seeds=(0,), only={"AdamW", "IVON (defaults, lr 0.1)"})
   else:
-    results = sweep()
+    results = sweep(seeds=seeds, make_configs=default_configs if args.defaults else None)
   md = table(results)
   print(md)
   if not args.quick:
-    with open(os.path.join(args.out, "hyperparameters.json"), "w") as f:
+    stem = "hyperparameters_defaults" if args.defaults else "hyperparameters"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
       json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "hyperparameters.md"), "w") as f:
-      f.write(f"# EVON hyperparameter sweep\n\n    python -m benchmarks.hyperparameters"
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+      f.write(f"# EVON hyperparameter {'defaults' if args.defaults else 'sweep'}\n\n"
+              f"    python -m benchmarks.hyperparameters{' --defaults' * args.defaults}"
               f"   # {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(start))}, "
-              f"{time.time() - start:.0f} s\n\nMean over seeds 0 and 1; sorted by NLL "
+              f"{time.time() - start:.0f} s\n\nMean over seeds "
+              f"{', '.join(map(str, seeds))}; sorted by NLL "
               f"(BMA of {SAMPLES} samples; AdamW: the network itself).\n{md}\n")
 
 

@@ -61,8 +61,8 @@ def optimizers(ess: float = 24.0) -> dict[str, Callable[[], optax.GradientTransf
       "optax.adamw": lambda: optax.adamw(1e-2),
       "IVON": lambda: evon_jax.ivon(1e-2, ess=ess, hess_init=1.0, key=0),
       "SOAP": lambda: evon_jax.soap(1e-2, precondition_frequency=3),
-      "EVON (default, whitening)": lambda: evon_jax.evon(
-          1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, key=0),
+      "EVON (whitening)": lambda: evon_jax.evon(
+          1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, whiten=True, key=0),
       "EVON (whiten=False)": lambda: evon_jax.evon(
           1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, whiten=False, key=0),
   }

@@ -282,7 +282,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   adamw_params, _ = train(adamw, apply_fn, init_params, data, args.steps, args.seed, "adamw")
   evon = evon_jax.evon(
       optax.cosine_decay_schedule(EVON_LR, args.steps), ess=float(num_train),
-      hess_init=EVON_HESS_INIT, weight_decay=EVON_WEIGHT_DECAY, b2=EVON_B2, key=args.seed)
+      hess_init=EVON_HESS_INIT, weight_decay=EVON_WEIGHT_DECAY, b2=EVON_B2,
+      whiten=True, key=args.seed)
   _, evon_state = train(evon, apply_fn, init_params, data, args.steps, args.seed, "evon")
 
   inputs = {"test": data.x_test, **data.ood}

@@ -274,7 +274,7 @@ def _ivon(setting: dict, steps: int, num_train: int, seed: int):
 def _evon(setting: dict, steps: int, num_train: int, seed: int):
   return evon_jax.evon(optax.cosine_decay_schedule(setting["lr"], steps), ess=float(num_train),
                        hess_init=setting["hess_init"], weight_decay=setting["weight_decay"],
-                       b2=EVON_B2, key=seed)
+                       b2=EVON_B2, whiten=True, key=seed)
 
 
 # ---------------------------------------------------------------------------- predictions

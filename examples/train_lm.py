@@ -293,7 +293,8 @@ def make_optimizer(args: argparse.Namespace, num_train_tokens: int):
     else:
       main = evon_jax.evon(schedule(lr, real_steps, args.warmup), b2=args.b2,
                            shampoo_b=args.shampoo_b, hess_clip_ratio=args.hess_clip_ratio,
-                           precondition_frequency=args.precondition_frequency, **common)
+                           precondition_frequency=args.precondition_frequency, whiten=True,
+                           **common)
       settings.update(b1=0.95, shampoo_b=args.shampoo_b, hess_clip_ratio=args.hess_clip_ratio,
                       precondition_frequency=args.precondition_frequency, whiten=True)
     settings.update(common, b2=args.b2, mc_samples=1, drop_in=True,

@@ -241,9 +241,9 @@ class EvonReference:
   """
 
   def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, shampoo_b=None,
-               eps=1e-10, weight_decay=1e-6, precondition_frequency=10,
+               eps=1e-10, weight_decay=1e-4, precondition_frequency=10,
                max_precond_dim=10000, precondition_1d=False, hess_clip_ratio=None,
-               whiten=True, refresh_method='power_qr', view='matrix',
+               whiten=False, refresh_method='power_qr', view='matrix',
                factor_gradient='regularized', hessian_baseline='momentum'):
     mean = np.asarray(mean, np.float64)
     self.baseline = hessian_baseline

@@ -23,6 +23,7 @@ def quick(tmp_path_factory):
   return out, results
 
 
+@pytest.mark.slow  # the quick run takes ~150 s of one core
 def test_quick_writes_json_summary_and_plots(quick):
   out, _ = quick
   with open(os.path.join(out, "results.json")) as f:
@@ -37,6 +38,7 @@ def test_quick_writes_json_summary_and_plots(quick):
     assert os.path.getsize(os.path.join(out, name)) > 0
 
 
+@pytest.mark.slow  # the quick run takes ~150 s of one core
 def test_step_timings_are_positive_and_finite(quick):
   _, results = quick
   for section in ("step", "growth_d", "layers", "frequency", "max_precond_dim"):
@@ -52,6 +54,7 @@ def test_step_timings_are_positive_and_finite(quick):
     assert _positive(ratio["mean"]) and _positive(ratio["round_median"])
 
 
+@pytest.mark.slow  # the quick run takes ~150 s of one core
 def test_headline_train_memory_pieces(quick):
   _, results = quick
   headline = results["headline"]
@@ -71,6 +74,7 @@ def test_headline_train_memory_pieces(quick):
   assert all(_positive(rec["qr_ms"]) for rec in pieces["factor_sizes"])
 
 
+@pytest.mark.slow  # the quick run takes ~150 s of one core
 def test_peers_run_or_skip(quick):
   _, results = quick
   peers = results["peers"]
@@ -95,3 +99,19 @@ def test_hyperparameter_sweep_and_sensitivity_run():
   assert "| config | accuracy | NLL | ECE |" in hyperparameters.table(results)
   # AdamW does not amplify input noise (measured 2e-7 at 1e-7 relative noise).
   assert sensitivity.amplification(sensitivity.optimizers()["optax.adamw"], steps=3) < 1e-5
+
+
+@pytest.mark.slow  # trains the LM example for a few steps (~50 s)
+def test_lm_posterior_study_runs():
+  """Every read-out of the LM posterior study gives finite losses and the decomposition
+  BMA - mean = cost - gain holds by construction of its three numbers."""
+  from benchmarks import lm_posterior
+
+  result = lm_posterior.main(["--steps", "5", "--windows", "16", "--quick"])
+  assert result["readouts"]
+  for row in result["readouts"]:
+    for split in ("val", "train"):
+      r = row[split]
+      assert all(math.isfinite(v) for v in r.values())
+      assert abs(r["bma_minus_mean"] - (r["perturbation_cost"] - r["averaging_gain"])) < 1e-4
+      assert r["averaging_gain"] >= -1e-6  # Jensen: the average predicts at least as well

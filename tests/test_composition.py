@@ -26,7 +26,7 @@ from evon_jax import posterior
 # inject_hyperparams programs then do the same float32 arithmetic.
 _B1, _B2 = 1 - 2.0**-4, 1 - 2.0**-13
 _EVON = dict(ess=1e4, hess_init=1.0, b1=_B1, b2=_B2, weight_decay=2.0**-20,
-             precondition_frequency=4, key=5)
+             precondition_frequency=4, whiten=True, key=5)
 
 # ----------------------------------------------------------------------------------------------
 # A tiny token model: embedding (AdamW), two dense kernels (EVON), biases (AdamW)
@@ -316,7 +316,7 @@ def test_posterior_fills_leaves_of_other_optimizers_from_params():
   with `params=` they come back filled: the mean and samples take the loop's values there
   (no uncertainty), stddev and deviations are zero; the EVON leaves are unchanged."""
   params = {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.ones(4)}
-  tx = optax.partition({"evon": evon_jax.evon(0.1, ess=10.0, hess_init=1.0),
+  tx = optax.partition({"evon": evon_jax.evon(0.1, ess=10.0, hess_init=1.0, whiten=True),
                         "adam": optax.adam(1e-2)},
                        {"kernel": "evon", "bias": "adam"})
   state = tx.init(params)

@@ -159,7 +159,8 @@ def _train(tx, params, apply_fn, steps):
 
 _OPTIMIZERS = {
     "ivon": lambda: evon_jax.ivon(0.1, ess=64.0, hess_init=1.0, weight_decay=1e-3),
-    "evon": lambda: evon_jax.evon(0.02, ess=64.0, hess_init=1.0, weight_decay=1e-3),
+    "evon": lambda: evon_jax.evon(0.02, ess=64.0, hess_init=1.0, weight_decay=1e-3,
+                                  whiten=True),
 }
 
 

@@ -50,10 +50,10 @@ def _run(tx, calls, drop_in=True, mc_samples=1):
   return params, state
 
 
-def _composed_evon(lr, *, ess, hess_init, whiten=True, mc_samples=1, drop_in=True,
+def _composed_evon(lr, *, ess, hess_init, whiten=False, mc_samples=1, drop_in=True,
                    phasing=False, factor_gradient="regularized", factor_statistic="mean_gradient",
                    precondition_frequency=10, refresh_method="power_qr", stagger_refresh=False,
-                   hess_clip_ratio=None, clip_radius=float("inf"), b2=0.9999, weight_decay=1e-6):
+                   hess_clip_ratio=None, clip_radius=float("inf"), b2=0.9999, weight_decay=1e-4):
   """`evon`'s defaults and options spelled as the composition (docs/composition.md)."""
   regularization = weight_decay if factor_gradient == "regularized" else 0.0
   return evon_jax.inject_noise(
@@ -70,7 +70,7 @@ def _composed_evon(lr, *, ess, hess_init, whiten=True, mc_samples=1, drop_in=Tru
 
 _EVON_CASES = {
     "defaults": {},
-    "no_whitening": dict(whiten=False),
+    "whitening": dict(whiten=True),
     "drop_in_mc2": dict(whiten=False, mc_samples=2),
     "explicit_mc2": dict(whiten=False, mc_samples=2, drop_in=False),
     "phasing": dict(phasing=True, precondition_frequency=3),
@@ -79,8 +79,8 @@ _EVON_CASES = {
                                      mc_samples=3),
     "per_sample_drop_in_mc3": dict(factor_statistic="per_sample", mc_samples=3),
     "eigh_staggered": dict(refresh_method="eigh", stagger_refresh=True,
-                           precondition_frequency=4),
-    "clipped": dict(hess_clip_ratio=2.0, clip_radius=0.5),
+                           precondition_frequency=4, whiten=True),
+    "clipped": dict(hess_clip_ratio=2.0, clip_radius=0.5, whiten=True),
 }
 
 

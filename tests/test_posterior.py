@@ -591,3 +591,60 @@ def test_two_posteriors_over_the_same_leaves_raise(problem):
   state = tx.init(params)
   with pytest.raises(ValueError, match="held by 2 posteriors"):
     posterior.mean(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Read-out tempering
+
+
+def test_tempered_scales_the_covariance_and_keeps_the_prior(evon_state):
+  """N(M, T Σ): the dense covariance times T, the same mean, and the KL to the *same* prior
+  N(0, 1/(ess δ)) (dense NumPy formula with T Σ)."""
+  mean, cov = dense_posterior(evon_state)
+  prior_variance = 1.0 / (float(evon_state.ess) * float(evon_state.weight_decay))
+  for temperature in (0.25, 3.0):
+    warm = posterior.tempered(evon_state, temperature)
+    warm_mean, warm_cov = dense_posterior(warm)
+    np.testing.assert_allclose(warm_mean, mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(warm_cov, temperature * cov, rtol=1e-4,
+                               atol=1e-6 * np.abs(cov).max())
+    np.testing.assert_allclose(float(posterior.kl_to_prior(warm)),
+                               _gaussian_kl(mean, temperature * cov, prior_variance),
+                               rtol=FLOAT32_RTOL, atol=1e-3)
+
+
+def test_tempered_per_leaf_and_zero(evon_state):
+  """A callable gives each leaf its own T; T = 0 is a point mass (samples are the mean)."""
+  std = posterior.marginal_stddev(evon_state)
+  warm = posterior.tempered(evon_state, lambda path, leaf: 0.0 if "w" in jax.tree_util.keystr(
+      path) else 4.0)
+  warm_std = posterior.marginal_stddev(warm)
+  np.testing.assert_array_equal(np.asarray(warm_std["w"]), 0.0)
+  for name in ("k", "v"):
+    np.testing.assert_allclose(warm_std[name], 2.0 * np.asarray(std[name]), rtol=1e-5)
+  samples = posterior.sample(0, warm, 3)
+  np.testing.assert_allclose(samples["w"], np.broadcast_to(posterior.mean(evon_state)["w"],
+                                                           samples["w"].shape), atol=1e-6)
+  # A params-shaped tree of temperatures is the same as the callable.
+  tree = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: 0.0 if "w" in jax.tree_util.keystr(path) else 4.0,
+      posterior.mean(evon_state))
+  np.testing.assert_allclose(posterior.marginal_stddev(posterior.tempered(evon_state, tree))["k"],
+                             warm_std["k"], rtol=1e-6)
+  with pytest.raises(ValueError, match=">= 0"):
+    posterior.tempered(evon_state, -1.0)
+  with pytest.raises(ValueError, match="shaped like the parameters"):
+    posterior.tempered(evon_state, {"nope": 1.0})
+
+
+def test_tempered_under_partition(problem):
+  """Under optax.partition the other optimizer's leaves stay masked; the posterior's widen."""
+  loss, params = problem
+  tx = optax.partition({"evon": evon_jax.evon(0.05, key=1, **EVON_HYPER),
+                        "other": optax.adam(1e-3)}, _matrix_labels)
+  state = train(tx, loss, params)
+  std = posterior.marginal_stddev(state, params)
+  warm_std = posterior.marginal_stddev(posterior.tempered(state, 9.0), params)
+  for a, b in zip(jax.tree.leaves(std), jax.tree.leaves(warm_std)):
+    np.testing.assert_allclose(b, 3.0 * np.asarray(a), rtol=1e-5, atol=1e-12)
+  assert any(float(jnp.max(a)) > 0 for a in jax.tree.leaves(std))

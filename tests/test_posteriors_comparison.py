@@ -14,6 +14,9 @@ pytest.importorskip("matplotlib")
 
 from benchmarks import posteriors  # noqa: E402  (after the optional-dependency checks)
 
+# ~220 s of one core (every method of the comparison fitted): run with -m slow.
+pytestmark = pytest.mark.slow
+
 PREDICTIVES = {
     "MAP", "ensemble (5)", "IVON BMA", "EVON BMA", "Laplace BMA", "Laplace linearised",
     "Laplace (val λ) BMA", "Laplace (val λ) linearised",

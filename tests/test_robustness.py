@@ -170,7 +170,8 @@ _injected_evon = optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.ST
 def _injected_run(num_calls):
   """A jitted loop on _loss for injected-hyperparameter EVON states. The update reads every
   float hyperparameter from the state, so one compilation serves all their values."""
-  tx = _injected_evon(0.01, ess=1.0, hess_init=1.0, precondition_frequency=5)
+  tx = _injected_evon(0.01, ess=1.0, hess_init=1.0, precondition_frequency=5, whiten=True,
+                      weight_decay=1e-6)  # the setting the docstring's numbers are for
 
   @jax.jit
   def run(params, state):
@@ -189,7 +190,7 @@ def test_extreme_hess_init_and_ess_stay_finite(hess_init, ess):
   from the mean, large Price estimates) and ess = 1e9 (std ~3e-5: samples at the mean in
   float32; the Price estimate E ⊙ G° / V multiplies by ess (H + δ) ~ 1e9)."""
   params = _params()
-  state = _injected_evon(0.01, ess=ess, hess_init=hess_init,
+  state = _injected_evon(0.01, ess=ess, hess_init=hess_init, whiten=True, weight_decay=1e-6,
                          precondition_frequency=5).init(params)
   np.testing.assert_array_equal(state.hyperparams["ess"], np.float32(ess))
   final_params, state = _injected_run(60)(params, state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -163,3 +164,15 @@ def test_learning_rate_annotation_is_resolvable(factory):
   import optax
   annotation = inspect.signature(factory).parameters['learning_rate'].annotation
   assert annotation == optax.ScalarOrSchedule
+
+
+def test_evon_defaults_follow_the_whitening_choice():
+  """hess_init defaults to 1.0 unwhitened (the default) and 0.1 with whiten=True; the prior
+  precision per example δ defaults to 1e-4 (docs/hyperparameters.md)."""
+  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+  for kwargs, h0 in (({}, 1.0), ({"whiten": True}, 0.1), ({"whiten": True, "hess_init": 0.5},
+                                                           0.5)):
+    state = evon_jax.evon(0.05, ess=10.0, **kwargs).init(params)
+    for leaf in jax.tree.leaves(state.hessian):
+      np.testing.assert_allclose(np.asarray(leaf), h0, rtol=1e-6)
+    assert float(state.weight_decay) == pytest.approx(1e-4)

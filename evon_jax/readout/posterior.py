@@ -34,6 +34,7 @@ _EXACT = jax.lax.Precision.HIGHEST
 __all__ = [
     "mean", "sample", "sample_deviation", "marginal_stddev", "covariance", "entropy",
     "kl_to_prior", "bases", "variance_eigen", "find_evon_state", "bubble", "SoapBubble",
+    "tempered",
 ]
 
 
@@ -61,6 +62,60 @@ def bubble(opt_state) -> SoapBubble:
   # Several (e.g. two EVONs under optax.partition, each with its own ess and δ): one bubble
   # holding each leaf's posterior from the group that owns it.
   return combine([node if isinstance(node, SoapBubble) else node.bubble() for node in nodes])
+
+
+def tempered(opt_state, temperature) -> SoapBubble:
+  """The posterior with its covariance multiplied by `temperature` (per leaf if you like).
+
+  q_T = N(M, T Σ): the mean and bases unchanged, the eigen-precision ``H + δ`` divided by
+  T — the usual "cold/warm posterior" knob (T < 1 sharpens, T > 1 widens), applied at
+  read-out time with no retraining. The prior N(0, 1/(ess δ)) stays as it was (only H
+  moves), so `kl_to_prior` compares the tempered posterior with the same prior.
+  `temperature` is a number for every leaf, a params-shaped tree of numbers, or a callable
+  ``(path, leaf) -> number`` (e.g. to keep uncertainty in some layers only); T = 0 gives
+  that leaf a point mass at its mean. Every read-out takes the result, e.g.
+  ``predictive.bayesian_model_average(key, apply_fn, tempered(state, 4.0), x, 8)``.
+
+  Example:
+    >>> import jax.numpy as jnp, evon_jax
+    >>> tx = evon_jax.evon(1e-2, ess=100.0, hess_init=1.0)
+    >>> state = tx.init({"w": jnp.zeros((3, 2))})
+    >>> wide = evon_jax.posterior.tempered(state, 4.0)
+    >>> bool(jnp.allclose(evon_jax.posterior.marginal_stddev(wide)["w"],
+    ...                   2 * evon_jax.posterior.marginal_stddev(state)["w"]))
+    True
+  """
+  state = bubble(opt_state)
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  slots, slot_treedef = jax.tree.flatten(state.mean, is_leaf=masked)
+  if callable(temperature):
+    paths = [path for path, _ in jax.tree.flatten_with_path(state.mean, is_leaf=masked)[0]]
+    values = [temperature(path, leaf) for path, leaf in zip(paths, slots)]
+  elif not jax.tree.structure(temperature).num_nodes > 1:
+    values = [temperature] * len(slots)
+  else:
+    try:
+      values = slot_treedef.flatten_up_to(temperature)
+    except (ValueError, TypeError) as error:
+      raise ValueError("tempered: `temperature` must be a number, a callable "
+                       "(path, leaf) -> number or a tree shaped like the parameters: "
+                       f"{error}") from error
+  values = [value for leaf, value in zip(slots, values) if not masked(leaf)]
+  for value in values:
+    if isinstance(value, (int, float)) and not value >= 0:  # arrays may be traced
+      raise ValueError(f"tempered: temperatures must be >= 0, got {value!r}.")
+  treedef = jax.tree.structure(state.mean)
+  means, hessians = treedef.flatten_up_to(state.mean), treedef.flatten_up_to(state.hessian)
+  out = []
+  for m, h, (_, weight_decay), t in zip(means, hessians, _leaf_scalars(state), values):
+    if jnp.shape(h) != jnp.shape(m):  # frozen leaf: a placeholder, no posterior
+      out.append(h)
+      continue
+    t = jnp.asarray(t, h.dtype)
+    precision = (h + weight_decay) / jnp.where(t > 0, t, 1)
+    # T = 0: H = inf, so V = 1/(ess (H + δ)) = 0, a point mass at the mean.
+    out.append(jnp.where(t > 0, precision - weight_decay, jnp.inf).astype(h.dtype))
+  return state._replace(hessian=treedef.unflatten(out))
 
 
 def _holds_posterior(node) -> bool:

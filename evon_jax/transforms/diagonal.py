@@ -184,11 +184,11 @@ def eigenspace_ivon(
     learning_rate,
     *,
     ess,
-    hess_init,
+    hess_init: float = 1.0,
     b1: float = 0.95,
     b2: float = 0.9999,
     eps: float = 1e-10,
-    weight_decay: float = 1e-6,
+    weight_decay: float = 1e-4,
     hess_clip_ratio=None,
     clip_radius: float = float("inf"),
     whiten: bool = False,
@@ -215,7 +215,7 @@ def eigenspace_ivon(
   Args:
     learning_rate: a float or a schedule ``step -> lr`` (step counts from 0).
     ess: effective sample size (the training-set size for a tempered-free posterior).
-    hess_init: initial H.
+    hess_init: initial H (default 1.0).
     b1, b2: momentum and Hessian decay.
     eps: added to the denominator of the direction.
     weight_decay: δ, the prior precision per example.
