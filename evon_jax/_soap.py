@@ -21,6 +21,7 @@ def scale_by_soap(
     shampoo_b: float | None = None,
     eps: float = 1e-8,
     *,
+    relative_eps: float = 0.0,
     precondition_frequency: int = 10,
     max_precond_dim: int = 10000,
     precondition_1d: bool = False,
@@ -43,6 +44,9 @@ def scale_by_soap(
     b1, b2: Adam's decay rates in the eigenbasis.
     shampoo_b: decay of the Kronecker factors (default: b2).
     eps: added to √nu.
+    relative_eps: also added to √nu, times the leaf's rms √nu (default 0: the reference's
+      absolute eps only). 1e-3 stops SOAP from turning float noise in the null space of
+      rank-deficient factors into full-size steps (see `evon_jax.eigenspace_adam`).
     precondition_frequency: steps between basis refreshes.
     max_precond_dim: sides longer than this keep the identity basis.
     precondition_1d: give 1-D leaves a full basis too (else plain Adam on them).
@@ -70,7 +74,7 @@ def scale_by_soap(
   check.check_stacked_dims(stacked_dims)
   check.check_dimension_numbers(dimension_numbers, merge_dims)
   return eigenbasis_refresh(
-      eigenspace_adam(b1, b2, eps, dtype=dtype),
+      eigenspace_adam(b1, b2, eps, relative_eps=relative_eps, dtype=dtype),
       factors=kronecker_factor_ema(b2 if shampoo_b is None else shampoo_b, dtype=dtype),
       precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
       precondition_1d=precondition_1d, stacked_dims=stacked_dims,
@@ -91,6 +95,7 @@ def soap(
     stacked_dims=None,
     dimension_numbers=None,
     merge_dims: bool = False,
+    relative_eps: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   """SOAP with decoupled weight decay: chain(scale_by_soap, add_decayed_weights, -lr).
 
@@ -105,7 +110,8 @@ def soap(
   check.check_learning_rate(learning_rate)
   check.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
-      scale_by_soap(b1, b2, shampoo_b, eps, precondition_frequency=precondition_frequency,
+      scale_by_soap(b1, b2, shampoo_b, eps, relative_eps=relative_eps,
+                    precondition_frequency=precondition_frequency,
                     max_precond_dim=max_precond_dim, precondition_1d=precondition_1d,
                     stacked_dims=stacked_dims, dimension_numbers=dimension_numbers,
                     merge_dims=merge_dims),

@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import evon_jax  # noqa: E402
 from evon_jax import posterior  # noqa: E402
 import numpy_reference as ref  # noqa: E402
+ref.COMPUTE_DTYPE = np.float64
 from test_equivalence import EVON_HYPER, MATRIX_VIEW, make_problem  # noqa: E402
 
 NUM_CALLS = 26  # the first call and 25 real steps; power-QR refreshes at steps 10 and 20

@@ -22,6 +22,7 @@ Conventions shared by the three references:
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
@@ -47,16 +48,62 @@ def whiten_update(update: np.ndarray, is_matrix: bool, eps: float = 1e-7) -> np.
   return update / (np.linalg.norm(update) + eps)
 
 
-def eigh_descending(factor: np.ndarray) -> np.ndarray:
-  """Eigenvectors of a symmetric matrix, columns in descending eigenvalue order."""
-  _, vectors = np.linalg.eigh(factor)
-  return vectors[:, ::-1]
+# The dtype the library computes in: its float noise sets the null tolerance (the float64
+# worker sets float64).
+COMPUTE_DTYPE = np.float32
 
 
-def power_qr_refresh(factor: np.ndarray, basis: np.ndarray) -> np.ndarray:
-  """One power iteration followed by QR (no sorting of the columns)."""
-  q, _ = np.linalg.qr(factor @ basis)
-  return q
+def null_tolerance(size: int, dtype=None) -> float:
+  """Eigenvalues (or ‖F q‖) below this fraction of the largest count as null: 100 √n eps."""
+  return 100.0 * np.sqrt(size) * np.finfo(dtype or COMPUTE_DTYPE).eps
+
+
+def canonical_signs(basis: np.ndarray) -> np.ndarray:
+  """Each column flipped so that its largest-magnitude entry is positive."""
+  rows = np.argmax(np.abs(basis), axis=0)
+  return basis * np.where(basis[rows, np.arange(basis.shape[1])] < 0, -1.0, 1.0)
+
+
+def eigh_descending(factor: np.ndarray, reference=None, dtype=None) -> np.ndarray:
+  """Eigenvectors of a symmetric matrix, columns in descending eigenvalue order.
+
+  With a reference basis R: canonical signs, and the (numerically) null eigenspace, of
+  projector P, gets the basis of LAPACK's QR with column pivoting of P R (geqp3: the
+  reference columns nearest the span first, near-ties to the earlier one), signed by the
+  pivot columns, in pivot order.
+  `dtype` sets the tolerance (that of the arrays the library computes in).
+  """
+  values, vectors = np.linalg.eigh(factor)
+  values, vectors = values[::-1], canonical_signs(vectors[:, ::-1])
+  if reference is None:
+    return vectors
+  size = factor.shape[0]
+  null = values <= null_tolerance(size, dtype) * values[0]
+  if not null.any():
+    return vectors
+  v = vectors[:, null]
+  # Columns scaled by 1 + 1e-3 (1 - j/n): near-ties go to the earlier reference column.
+  preference = 1.0 + 1e-3 * (1.0 - np.arange(size) / size)
+  q, r, _ = scipy.linalg.qr((v @ v.T) @ reference * preference, pivoting=True)
+  q = q * np.where(np.diag(r) < 0, -1.0, 1.0)
+  vectors[:, null] = q[:, :int(null.sum())]
+  return vectors
+
+
+# `power_qr_refresh`'s shift, as a fraction of the largest column of F Q.
+POWER_SHIFT = 1e-3
+
+
+def power_qr_refresh(factor: np.ndarray, basis: np.ndarray, dtype=None) -> np.ndarray:
+  """One power iteration on F + μI (μ = POWER_SHIFT × the largest column of F Q) followed
+  by QR (no sorting of the columns); each column signed to overlap its predecessor
+  positively (canonical sign if it is orthogonal to it, to 1e-6)."""
+  product = factor @ basis
+  largest = np.linalg.norm(product, axis=0).max()
+  mu = POWER_SHIFT * largest if largest > 0 else 1.0
+  q, _ = np.linalg.qr(product + mu * basis)
+  overlap = np.sum(q * basis, axis=0)
+  return np.where(np.abs(overlap) >= 1e-6, q * np.sign(overlap), canonical_signs(q))
 
 
 def hessian_baseline(momentum, b1, t, kind):
@@ -140,10 +187,10 @@ class _Eigenbases:
     b = self.shampoo_b
     if self.left:
       self.f_left = (1 - b) * g @ g.T
-      self.q_left = eigh_descending(self.f_left)
+      self.q_left = eigh_descending(self.f_left, self.q_left)
     if self.right:
       self.f_right = (1 - b) * g.T @ g
-      self.q_right = eigh_descending(self.f_right)
+      self.q_right = eigh_descending(self.f_right, self.q_right)
 
   def update_factors(self, g):
     b = self.shampoo_b
@@ -154,8 +201,7 @@ class _Eigenbases:
 
   def refresh(self, eigen_momentum, method='power_qr'):
     """Basis refresh ('power_qr' or a full 'eigh'); returns the momentum in the new basis."""
-    new_basis = power_qr_refresh if method == 'power_qr' else (
-        lambda factor, _: eigh_descending(factor))
+    new_basis = power_qr_refresh if method == 'power_qr' else eigh_descending
     momentum_param = self.rotate_out(eigen_momentum)
     if self.left:
       self.q_left = new_basis(self.f_left, self.q_left)
@@ -210,7 +256,7 @@ class _AxisEigenbases:
     for k, rotated in enumerate(self.rotated):
       if rotated:
         self.f[k] = (1 - b) * self._gram(g, k)
-        self.q[k] = eigh_descending(self.f[k])
+        self.q[k] = eigh_descending(self.f[k], self.q[k])
 
   def update_factors(self, g):
     b = self.shampoo_b
@@ -223,7 +269,7 @@ class _AxisEigenbases:
     for k, rotated in enumerate(self.rotated):
       if rotated:
         self.q[k] = (power_qr_refresh(self.f[k], self.q[k]) if method == 'power_qr'
-                     else eigh_descending(self.f[k]))
+                     else eigh_descending(self.f[k], self.q[k]))
     return self.rotate_in(momentum_param)
 
 

@@ -193,9 +193,12 @@ def test_refresh_keeps_bases_orthonormal_and_buffers_in_parameter_space():
     np.testing.assert_allclose(parameter_space, momentum, rtol=1e-4, atol=1e-5)
 
 
-def test_eigenspace_adam_alone_is_adam_with_soaps_eps():
+@pytest.mark.parametrize("relative_eps", [0.0, 0.3])
+def test_eigenspace_adam_alone_is_adam_with_soaps_eps(relative_eps):
+  """With `relative_eps` the denominator also gets relative_eps · rms(√nu) over the leaf
+  (0.3: large enough to change every coordinate's update by > 1 %)."""
   b1, b2, eps = 0.9, 0.99, 1e-8
-  tx = evon_jax.eigenspace_adam(b1, b2, eps)
+  tx = evon_jax.eigenspace_adam(b1, b2, eps, relative_eps=relative_eps)
   params = jnp.zeros(4)
   state = tx.init(params)
   rng = np.random.default_rng(2)
@@ -204,7 +207,8 @@ def test_eigenspace_adam_alone_is_adam_with_soaps_eps():
     g = rng.normal(size=4)
     updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
     mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
-    want = np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * mu / (np.sqrt(nu) + eps)
+    floor = eps + relative_eps * np.sqrt(np.mean(nu))
+    want = np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * mu / (np.sqrt(nu) + floor)
     np.testing.assert_allclose(updates, want, rtol=1e-5)
 
 

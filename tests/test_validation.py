@@ -40,6 +40,7 @@ _INVALID = (
     + _invalid(_BAYESIAN + ('soap',), 'learning_rate', [-0.1, math.nan])
     + _invalid(_BAYESIAN, 'clip_radius', [0.0, -1.0])
     + _invalid(('evon',) + _SOAPS, 'eps', [-1e-8])
+    + _invalid(_SOAPS, 'relative_eps', [-1e-2, math.nan])
     + _invalid(('evon',), 'hess_clip_ratio', [0.0, -1.0])
     + _invalid(('evon',), 'refresh_method', ['qr', 'EIGH', None])
     + _invalid(('evon',), 'factor_gradient', ['regularised', ''])

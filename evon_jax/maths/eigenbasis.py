@@ -23,24 +23,125 @@ KEEP, POWER_QR, EIGH = 0, 1, 2
 RefreshMethod = Literal["power_qr", "eigh"]
 
 
-def eigh_descending(factor: jax.Array) -> jax.Array:
-  """Eigenvectors of a symmetric factor, columns in descending eigenvalue order."""
+def null_tolerance(size: int, dtype) -> float:
+  """The fraction of a factor's largest eigenvalue below which an eigenvalue is float noise.
+
+  A product such as `F q` or an `eigh` of an n x n factor carries rounding errors of about
+  √n·eps·‖F‖; the directions whose eigenvalue (or `‖F q‖`) sits below 100× that cannot be
+  told apart from a null direction, and their basis vectors are decided by that noise.
+  """
+  return float(100.0 * size ** 0.5 * jnp.finfo(dtype).eps)
+
+
+PIVOT_PREFERENCE = 1e-3
+
+
+def _pivoted_orthonormal_columns(columns: jax.Array, count: jax.Array) -> jax.Array:
+  """The first `count` vectors of Gram–Schmidt with column pivoting: each step takes the
+  column with the largest residual. Pivoting keeps every step well conditioned (a column
+  nearly dependent on those taken is never taken while a better one is left), so the
+  result is a continuous function of `columns` away from ties between residual norms.
+  Columns past `count` are zero. `columns`: (n, n); `count`: a scalar."""
+  size = columns.shape[-1]
+  # Residuals within 0.1 % of each other are taken in column order (the reference's order
+  # when they tie exactly, e.g. a zero factor, instead of the order of rounding errors).
+  preference = 1.0 + PIVOT_PREFERENCE * (1.0 - jnp.arange(size, dtype=columns.dtype) / size)
+
+  def step(i, carry):
+    residual, basis, taken = carry
+    norms = jnp.where(taken, -1.0, preference * jnp.linalg.norm(residual, axis=0))
+    pivot = jnp.argmax(norms)
+    vector = residual[:, pivot] / jnp.maximum(jnp.linalg.norm(residual[:, pivot]), 1e-30)
+    vector = jnp.where(i < count, vector, 0.0)
+    residual = residual - jnp.outer(vector, vector @ residual)
+    return residual, basis.at[:, i].set(vector), taken.at[pivot].set(True)
+
+  start = (columns, jnp.zeros_like(columns), jnp.zeros(size, bool))
+  return jax.lax.fori_loop(0, size, step, start)[1]
+
+
+def canonical_null_basis(vectors: jax.Array, null: jax.Array, reference: jax.Array
+                         ) -> jax.Array:
+  """Replaces the columns of `vectors` flagged `null` by a basis of the same span that is a
+  continuous function of that span.
+
+  Inside a null (or numerically null) eigenspace any orthonormal basis is an eigenbasis,
+  and `eigh` returns whichever its rounding errors pick: a change of the inputs by 1e-7
+  picks another one. The replacement depends on the span's projector P only: the
+  reference basis R projected onto the span, `P R`, orthonormalised by Gram–Schmidt with
+  column pivoting (the reference columns nearest the span go first). Choosing columns by
+  their norm alone is not enough (k columns of `P R` can be dependent however long each
+  is), and an eigenbasis of a tie-breaking matrix compressed to the span hinges on that
+  compression's own eigenvalue gaps, which can be 1e-4. The new vectors fill the flagged
+  positions in pivot order; the other columns are returned unchanged (they must be
+  orthonormal and span the complement of the flagged ones).
+  """
+  mask = null.astype(vectors.dtype)[..., None, :]
+  null_part = vectors * mask
+  projector = jnp.matmul(null_part, jnp.matrix_transpose(null_part), precision=_EXACT)
+  projected = jnp.matmul(projector, reference, precision=_EXACT)
+  count = jnp.sum(null.astype(jnp.int32), axis=-1)
+  replacement = jnp.vectorize(_pivoted_orthonormal_columns, signature="(n,n),()->(n,n)")(
+      projected, count)
+  # The i-th flagged column (in index order) gets the i-th new vector.
+  null_rank = jnp.cumsum(null.astype(jnp.int32), axis=-1) - 1
+  source = jnp.clip(null_rank, 0, vectors.shape[-1] - 1)
+  replacement = jnp.take_along_axis(replacement, source[..., None, :], axis=-1)
+  return jnp.where(null[..., None, :], replacement, vectors)
+
+
+def eigh_descending(factor: jax.Array, reference: jax.Array | None = None,
+                    tolerance: float | None = None) -> jax.Array:
+  """Eigenvectors of a symmetric factor, columns in descending eigenvalue order.
+
+  With a `reference` basis the columns get `canonical_signs`, and those whose eigenvalue
+  is below `tolerance` (default `null_tolerance`) times the largest are replaced by
+  `canonical_null_basis`'s continuous choice (signed by the reference columns they come
+  from), when there are such columns.
+  """
   symmetric = 0.5 * (factor + jnp.matrix_transpose(factor))
-  _, vectors = jnp.linalg.eigh(symmetric)
-  return vectors[..., ::-1]
+  values, vectors = jnp.linalg.eigh(symmetric)
+  values, vectors = values[..., ::-1], vectors[..., ::-1]
+  if reference is None:
+    return vectors
+  vectors = canonical_signs(vectors)
+  if tolerance is None:
+    tolerance = null_tolerance(factor.shape[-1], factor.dtype)
+  null = values <= tolerance * values[..., :1]
+  return jax.lax.cond(jnp.any(null), canonical_null_basis, lambda v, n, r: v,
+                      vectors, null, reference.astype(vectors.dtype))
 
 
 def fresh_eigenbasis(factor: jax.Array) -> jax.Array:
-  """A basis built from scratch: `eigh_descending` in at least float32, canonical signs, in
-  the factor's dtype (post-hoc fits such as `evon_jax.laplace`; the optimizers go through
-  `refresh`, which also keeps the old basis when the new one is not finite)."""
+  """A basis built from scratch: `eigh_descending` in at least float32 (null directions
+  tie-broken against the identity), canonical signs, in the factor's dtype (post-hoc fits
+  such as `evon_jax.laplace`; the optimizers go through `refresh`, which also keeps the old
+  basis when the new one is not finite)."""
   compute_dtype = jnp.promote_types(factor.dtype, jnp.float32)
-  return canonical_signs(eigh_descending(factor.astype(compute_dtype))).astype(factor.dtype)
+  identity = jnp.broadcast_to(jnp.eye(factor.shape[-1], dtype=compute_dtype), factor.shape)
+  return eigh_descending(factor.astype(compute_dtype), identity).astype(factor.dtype)
 
 
-def power_qr(factor: jax.Array, basis: jax.Array) -> jax.Array:
-  """One power iteration followed by QR: the cheap refresh SOAP uses (columns not sorted)."""
-  q, _ = jnp.linalg.qr(jnp.matmul(factor, basis, precision=_EXACT))
+# `power_qr`'s shift, as a fraction of the factor's scale.
+POWER_SHIFT = 1e-3
+
+
+def power_qr(factor: jax.Array, basis: jax.Array, shift: float = POWER_SHIFT) -> jax.Array:
+  """One power iteration followed by QR: the cheap refresh SOAP uses (columns not sorted).
+
+  The iteration runs on `F + μ I` with μ = `shift` times the largest column of `F Q`
+  (about F's largest eigenvalue): the same eigenvectors, so the fixed point and the
+  directions that matter are F's, but `(F + μI) Q` is never rank-deficient. Without the
+  shift, where F is rank-deficient (early steps, wide or thin leaves), QR turns the float
+  noise of `F Q`'s dependent columns into unit vectors pointing anywhere, and a change of
+  the inputs by 1e-7 gives another basis; with it, directions whose eigenvalue is far
+  below μ keep their old direction, and one refresh moves the basis by at most about
+  eps/`shift` where the factor moves by eps. A zero factor keeps the basis.
+  """
+  product = jnp.matmul(factor, basis, precision=_EXACT)
+  largest = jnp.max(jnp.linalg.norm(product, axis=-2, keepdims=True), axis=-1, keepdims=True)
+  mu = jnp.where(largest > 0, shift * largest, 1.0)
+  q, _ = jnp.linalg.qr(product + mu * basis)
   return q
 
 
@@ -57,6 +158,25 @@ def canonical_signs(basis: jax.Array) -> jax.Array:
   return basis * jnp.where(pivots < 0, -1.0, 1.0).astype(basis.dtype)
 
 
+# Below this overlap with its predecessor a column's sign falls back to `canonical_signs`.
+_ALIGNMENT_FLOOR = 1e-6
+
+
+def aligned_signs(basis: jax.Array, previous: jax.Array) -> jax.Array:
+  """Flips each column to point the way of the previous basis's column in its position.
+
+  The sign rule of `canonical_signs` jumps where a column's two largest entries have
+  nearly equal magnitude and opposite signs, which a column that rotates during a refresh
+  can cross; the sign of its overlap with its predecessor only jumps where the overlap
+  passes through 0, which a power-QR refresh (a small turn of each column) does not reach.
+  A column orthogonal to its predecessor (to 1e-6) takes the canonical sign.
+  Deterministic either way, so devices and shardings draw the same samples.
+  """
+  overlap = jnp.sum(basis * previous, axis=-2, keepdims=True)
+  canonical = canonical_signs(basis)
+  return jnp.where(jnp.abs(overlap) >= _ALIGNMENT_FLOOR, basis * jnp.sign(overlap), canonical)
+
+
 def _keep_if_not_finite(new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(jnp.all(jnp.isfinite(new)), new, old)
 
@@ -64,11 +184,13 @@ def _keep_if_not_finite(new: jax.Array, old: jax.Array) -> jax.Array:
 def _refresh_side(kind: int, factor: jax.Array, basis: jax.Array) -> jax.Array:
   compute_dtype = jnp.promote_types(basis.dtype, jnp.float32)
   factor32, basis32 = factor.astype(compute_dtype), basis.astype(compute_dtype)
+  # Signs: a power-QR column follows its predecessor; eigh's columns are sorted by
+  # eigenvalue, not tied to the old ones, and take canonical signs.
   new = jax.lax.switch(
       kind,
-      [lambda f, q: q, power_qr, lambda f, q: eigh_descending(f)],
+      [lambda f, q: q, lambda f, q: aligned_signs(power_qr(f, q), q), eigh_descending],
       factor32, basis32)
-  return _keep_if_not_finite(canonical_signs(new), basis32).astype(basis.dtype)
+  return _keep_if_not_finite(new, basis32).astype(basis.dtype)
 
 
 def refresh(
