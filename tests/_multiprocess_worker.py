@@ -1,8 +1,10 @@
 """Two `jax.distributed` processes against one (see test_multiprocess.py).
 
-    python tests/_multiprocess_worker.py single OUT             # one process, 4 host devices
-    python tests/_multiprocess_worker.py multi OUT RANK PORT    # rank 0 or 1 of two processes,
-                                                                # 2 host devices each (gloo)
+    python tests/_multiprocess_worker.py CASES single OUT             # one process, 4 devices
+    python tests/_multiprocess_worker.py CASES multi OUT RANK PORT    # rank 0 or 1 of two
+                                                                      # processes, 2 devices each
+
+CASES is a comma-separated list of `way/optimizer` (e.g. `jit/EVON,shard_map/SOAP`) or `all`.
 
 XLA_FLAGS must force the host device count before JAX starts (the test sets it). Either
 way the global mesh has 4 CPU devices on one 'data' axis. Each optimizer trains the
@@ -105,10 +107,22 @@ def train_shard_map(name, params, x, y, loss, mesh):
   return _weights(name, params, state)
 
 
+WAYS = {"jit": train_jit, "shard_map": train_shard_map}
+
+
+def _cases(spec: str):
+  if spec == "all":
+    return [(way, name) for way in WAYS for name in optimizers()]
+  cases = [tuple(case.split("/", 1)) for case in spec.split(",")]
+  unknown = [c for c in cases if len(c) != 2 or c[0] not in WAYS or c[1] not in optimizers()]
+  assert not unknown, f"unknown cases {unknown}"
+  return cases
+
+
 def main():
-  mode, out = sys.argv[1], sys.argv[2]
+  cases, mode, out = _cases(sys.argv[1]), sys.argv[2], sys.argv[3]
   if mode == "multi":
-    rank, port = int(sys.argv[3]), int(sys.argv[4])
+    rank, port = int(sys.argv[4]), int(sys.argv[5])
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank,
                                initialization_timeout=120)
     assert jax.process_count() == 2 and jax.local_device_count() == 2
@@ -116,8 +130,9 @@ def main():
   mesh = Mesh(np.array(jax.devices()), (AXIS,))
   params, x, y, loss = mlp_problem(0)
   params, x, y = jax.tree.map(np.asarray, (params, x, y))
-  results = {way: {name: _host(train(name, params, x, y, loss, mesh)) for name in optimizers()}
-             for way, train in (("jit", train_jit), ("shard_map", train_shard_map))}
+  results = {}
+  for way, name in cases:
+    results.setdefault(way, {})[name] = _host(WAYS[way](name, params, x, y, loss, mesh))
   if jax.process_index() == 0:
     pathlib.Path(out).write_text(json.dumps(results))
   if mode == "multi":

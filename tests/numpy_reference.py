@@ -97,13 +97,13 @@ POWER_SHIFT = 1e-3
 def power_qr_refresh(factor: np.ndarray, basis: np.ndarray, dtype=None) -> np.ndarray:
   """One power iteration on F + μI (μ = POWER_SHIFT × the largest column of F Q) followed
   by QR (no sorting of the columns); each column signed to overlap its predecessor
-  positively (canonical sign if it is orthogonal to it, to 1e-6)."""
+  non-negatively."""
   product = factor @ basis
   largest = np.linalg.norm(product, axis=0).max()
   mu = POWER_SHIFT * largest if largest > 0 else 1.0
   q, _ = np.linalg.qr(product + mu * basis)
   overlap = np.sum(q * basis, axis=0)
-  return np.where(np.abs(overlap) >= 1e-6, q * np.sign(overlap), canonical_signs(q))
+  return q * np.where(overlap < 0, -1.0, 1.0)
 
 
 def hessian_baseline(momentum, b1, t, kind):

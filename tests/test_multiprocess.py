@@ -22,8 +22,10 @@ import pytest
 WORKER = pathlib.Path(__file__).with_name("_multiprocess_worker.py")
 TIMEOUT_S = 600
 
-# Measured max |Δ| of the final weights, two processes vs one (this machine, 2026-12-03):
-# see the table in docs/scaling.md. The bound is the issue's 1e-3.
+# Measured max |Δ| of the final weights, two processes vs one (this machine, 2026-12-03;
+# `pytest -m slow tests/test_multiprocess.py`), jit / shard_map: EVON 2.7e-5 / 2.4e-5,
+# EVON whitening 1.6e-4 / 1.8e-4, SOAP (relative_eps 3e-2) 1.8e-4 / 1.4e-4 (docs/scaling.md).
+# The bound is the issue's 1e-3: 5.6x above the largest measured, 37x above default EVON's.
 BOUND = 1e-3
 
 
@@ -51,34 +53,65 @@ def _check(processes):
     assert p.returncode == 0, err.decode()[-4000:]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("multiprocess")
+def _run(folder, cases: str):
+  """One process with 4 devices and two with 2 each, on `cases`; their JSON results."""
   single, multi = folder / "single.json", folder / "multi.json"
   port = _free_port()
   spawn = lambda args, devices: subprocess.Popen(
-      [sys.executable, str(WORKER), *args], env=_env(devices),
+      [sys.executable, str(WORKER), cases, *args], env=_env(devices),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   _check([spawn(["multi", str(multi), str(rank), str(port)], 2) for rank in (0, 1)])
   _check([spawn(["single", str(single)], 4)])
   return json.loads(single.read_text()), json.loads(multi.read_text())
 
 
+# The default suite runs the default EVON both ways (~40 s on 2 cores, mostly compiling
+# in three processes); the whole matrix (~140 s) is marked slow.
+QUICK_CASES = "jit/EVON,shard_map/EVON"
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+  return _run(tmp_path_factory.mktemp("multiprocess_quick"), QUICK_CASES)
+
+
+@pytest.fixture(scope="module")
+def all_runs(tmp_path_factory):
+  return _run(tmp_path_factory.mktemp("multiprocess_all"), "all")
+
+
 def _max_difference(a, b):
   return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(a, b))
 
 
-@pytest.mark.parametrize("way", ["jit", "shard_map"])
-@pytest.mark.parametrize("optimizer", ["EVON", "EVON (whitening)", "SOAP"])
-def test_two_processes_equal_one(runs, way, optimizer):
+def _assert_equal_runs(runs, way, optimizer):
   single, multi = runs
   a, b = single[way][optimizer], multi[way][optimizer]
   assert all(np.all(np.isfinite(leaf)) for leaf in a + b)
+  print(f"{way} {optimizer}: max |difference| {_max_difference(a, b):.2e}")
   assert _max_difference(a, b) <= BOUND, (way, optimizer, _max_difference(a, b))
 
 
+@pytest.mark.parametrize("way", ["jit", "shard_map"])
+def test_two_processes_equal_one_default_evon(quick_runs, way):
+  _assert_equal_runs(quick_runs, way, "EVON")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", ["jit", "shard_map"])
 @pytest.mark.parametrize("optimizer", ["EVON", "EVON (whitening)", "SOAP"])
-def test_jit_and_shard_map_agree(runs, optimizer):
+def test_two_processes_equal_one(all_runs, way, optimizer):
+  _assert_equal_runs(all_runs, way, optimizer)
+
+
+def test_jit_and_shard_map_agree_default_evon(quick_runs):
   """The two ways of writing data parallelism give the same run (one process)."""
-  single, _ = runs
+  single, _ = quick_runs
+  assert _max_difference(single["jit"]["EVON"], single["shard_map"]["EVON"]) <= BOUND
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["EVON", "EVON (whitening)", "SOAP"])
+def test_jit_and_shard_map_agree(all_runs, optimizer):
+  single, _ = all_runs
   assert _max_difference(single["jit"][optimizer], single["shard_map"][optimizer]) <= BOUND
