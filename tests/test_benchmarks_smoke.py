@@ -86,6 +86,7 @@ def test_peers_run_or_skip(quick):
       assert res["finite"] and _positive(res["mean_ms"])
 
 
+@pytest.mark.slow  # 45-60 s; the other benchmark smoke tests stay in the suite
 def test_hyperparameter_sweep_and_sensitivity_run():
   """The two scripts' entry points at tiny sizes: finite scores from every method kind."""
   from benchmarks import hyperparameters, sensitivity

@@ -126,7 +126,11 @@ def _run(tx, calls):
   return p, s
 
 
-@pytest.mark.parametrize("kind", ["evon", "evon_mc2", "ivon", "soap", "composed_evon_mc2"])
+# The two-sample states have the same leaves as `evon`'s with a sample axis (their
+# round trips are marked slow, 35 s each: compiling two-sample optimizers).
+@pytest.mark.parametrize("kind", ["evon", pytest.param("evon_mc2", marks=pytest.mark.slow),
+                                  "ivon", "soap",
+                                  pytest.param("composed_evon_mc2", marks=pytest.mark.slow)])
 def test_plain_orbax_round_trips_every_state(tmp_path, kind):
   """No zero-size arrays anywhere in a state (so no wrapper is needed): orbax's own
   StandardCheckpointer and CheckpointManager save and restore EVON, IVON and SOAP states

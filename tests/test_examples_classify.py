@@ -32,6 +32,7 @@ def tiny_run(classify):
                               log=lambda s: None)
 
 
+@pytest.mark.slow  # 80 s on 2 cores (eight methods trained); test_tune_* stays in the suite
 def test_every_predictive_is_finite_and_learns(tiny_run):
   expected = {"MAP", "ensemble (5)", "MC dropout", "IVON mean", "IVON BMA",
               "IVON linearised", "EVON mean", "EVON BMA", "EVON linearised"}
@@ -52,6 +53,7 @@ def test_every_predictive_is_finite_and_learns(tiny_run):
   assert "auroc[shuffled, mutual_info]" not in tiny_run["results"]["MAP"]
 
 
+@pytest.mark.slow  # shares tiny_run's 80 s
 def test_outputs_are_written(classify, tiny_run, tmp_path):
   paths = classify.write_outputs({**tiny_run, "command": "tiny", "machine": "test"},
                                  str(tmp_path))

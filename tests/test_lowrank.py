@@ -170,7 +170,8 @@ def _trained_low_rank(name):
   return params, _train(_OPTIMIZERS[name](), params, lowrank.low_rank_mlp, 150)
 
 
-@pytest.mark.parametrize("name", ["ivon", "evon"])
+# IVON's low-rank case is EVON's with identity bases (slow: compiles a second optimizer).
+@pytest.mark.parametrize("name", [pytest.param("ivon", marks=pytest.mark.slow), "evon"])
 def test_low_rank_mlp_trains_with_drop_in_optimizer(name):
   # Observed on this problem: 1.11 -> 0.30 (IVON), 1.11 -> 0.034 (EVON) after 150 steps.
   initial, state = _trained_low_rank(name)
@@ -179,7 +180,8 @@ def test_low_rank_mlp_trains_with_drop_in_optimizer(name):
   assert after < 0.6 * before, (before, after)
 
 
-@pytest.mark.parametrize("name", ["ivon", "evon"])
+# IVON's low-rank case is EVON's with identity bases (slow: compiles a second optimizer).
+@pytest.mark.parametrize("name", [pytest.param("ivon", marks=pytest.mark.slow), "evon"])
 def test_posterior_weight_samples_have_rank_exactly_r(name):
   _, state = _trained_low_rank(name)
   samples = posterior.sample(jax.random.key(7), state, num_samples=4)
