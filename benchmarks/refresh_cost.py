@@ -62,10 +62,12 @@ def _time(fn, args, calls: int) -> float:
   return (time.perf_counter() - start) / calls
 
 
-def measure(size: int, rank: int, rounds: int = 5) -> dict:
+def measure(size: int, rank: int, rounds: int = 5, calls: int | None = None) -> dict:
+  """Min over `rounds` interleaved rounds of the mean time of `calls` calls (default: about
+  2e8 / size³, at least 2), plain and ours, for eigh and power-QR."""
   args = tuple(jnp.asarray(a) for a in factor_of_rank(size, rank))
   pairs = {"eigh": (plain_eigh, ours_eigh), "power_qr": (plain_power_qr, ours_power_qr)}
-  calls = max(2, int(2e8 // size ** 3))
+  calls = calls or max(2, int(2e8 // size ** 3))
   row = {}
   for method, (plain, ours) in pairs.items():
     plain, ours = jax.jit(plain), jax.jit(ours)

@@ -86,7 +86,7 @@ def test_peers_run_or_skip(quick):
       assert res["finite"] and _positive(res["mean_ms"])
 
 
-@pytest.mark.slow  # 45-60 s; the other benchmark smoke tests stay in the suite
+@pytest.mark.slow  # 45-60 s; test_sensitivity_and_refresh_cost_run stays in the suite
 def test_hyperparameter_sweep_and_sensitivity_run():
   """The two scripts' entry points at tiny sizes: finite scores from every method kind."""
   from benchmarks import hyperparameters, sensitivity
@@ -116,3 +116,15 @@ def test_lm_posterior_study_runs():
       assert all(math.isfinite(v) for v in r.values())
       assert abs(r["bma_minus_mean"] - (r["perturbation_cost"] - r["averaging_gain"])) < 1e-4
       assert r["averaging_gain"] >= -1e-6  # Jensen: the average predicts at least as well
+
+
+def test_sensitivity_and_refresh_cost_run():
+  """The default suite's benchmark smoke test (a few seconds): issue 16's two scripts."""
+  from benchmarks import refresh_cost, sensitivity
+
+  # AdamW does not amplify input noise (measured 2e-7 at 1e-7 relative noise, 12 steps).
+  assert sensitivity.amplification(sensitivity.optimizers()["optax.adamw"], steps=3) < 1e-5
+  row = refresh_cost.measure(16, 4, rounds=1, calls=3)
+  assert set(row) == {"eigh", "power_qr"}
+  assert all(math.isfinite(r["ratio"]) and r["plain_ms"] > 0 and r["ours_ms"] > 0
+             for r in row.values())
