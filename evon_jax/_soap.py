@@ -45,8 +45,9 @@ def scale_by_soap(
     shampoo_b: decay of the Kronecker factors (default: b2).
     eps: added to √nu.
     relative_eps: also added to √nu, times the leaf's rms √nu (default 0: the reference's
-      absolute eps only). 1e-3 stops SOAP from turning float noise in the null space of
-      rank-deficient factors into full-size steps (see `evon_jax.eigenspace_adam`).
+      absolute eps only). 1e-2 to 3e-2 stop SOAP from turning float noise in the null
+      space of rank-deficient factors into full-size steps (see `evon_jax.eigenspace_adam`;
+      measured in benchmarks/results/sensitivity.md).
     precondition_frequency: steps between basis refreshes.
     max_precond_dim: sides longer than this keep the identity basis.
     precondition_1d: give 1-D leaves a full basis too (else plain Adam on them).

@@ -348,7 +348,8 @@ def eigenspace_adam(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, *,
   (1e-7 of the leaf's scale), and Adam's per-coordinate normalisation turns that noise into
   full-size steps whenever it exceeds `eps`: a 1e-7 change of the inputs then moves SOAP's
   weights by ~0.05 in 12 steps (`benchmarks/sensitivity.py`). A floor proportional to the
-  leaf's own scale (e.g. 1e-3) damps exactly those coordinates, whatever the loss's units.
+  leaf's own scale damps exactly those coordinates, whatever the loss's units: 1e-2 brings
+  that to 4-8e-4 and 3e-2 to 1.5-2.9e-4 (benchmarks/results/sensitivity.md).
   """
   check.check_beta("b1", b1)
   check.check_beta("b2", b2)
