@@ -30,7 +30,8 @@ from evon_jax.transforms import InjectNoiseState as EvonState  # the state of ev
 from evon_jax.transforms import training_samples
 from evon_jax._optimizers import evon, ivon
 from evon_jax.structured import laplace, lowrank, meanfield, viking
-from evon_jax._soap import ScaleBySoapState, scale_by_soap, soap
+from evon_jax._soap import (
+    ScaleBySoapState, clip_update_rms, scale_by_reference_soap, scale_by_soap, soap)
 from evon_jax.maths.layout import matrix_view
 from evon_jax import checkpoint
 
@@ -50,10 +51,15 @@ for _old, _module in {
 # (e.g. `optax.inject_hyperparams(evon_jax.evon, static_args=evon_jax.STATIC_ARGS)`).
 # `stacked_dims` may be a callable, which inject_hyperparams would otherwise take for a schedule.
 STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "mc_samples", "key", "stacked_dims",
-               "dimension_numbers", "merge_dims")
+               "dimension_numbers", "merge_dims", "power_iter_steps",
+               "adaptive_update_tolerance")
 IVON_STATIC_ARGS = ("mc_samples", "key")
 SOAP_STATIC_ARGS = ("precondition_frequency", "max_precond_dim", "stacked_dims",
-                    "dimension_numbers", "merge_dims")
+                    "dimension_numbers", "merge_dims", "weight_decay_method", "nesterov",
+                    "adam_warmup_steps", "correct_bias", "fp32_matmul_prec", "use_eigh",
+                    "qr_fp32_matmul_prec", "use_adaptive_criteria",
+                    "adaptive_update_tolerance", "power_iter_steps", "max_update_rms",
+                    "use_kl_shampoo", "correct_shampoo_beta_bias")
 
 __version__ = "0.1.0"
 
@@ -63,6 +69,6 @@ __all__ = [
     "eigenbasis", "eigenbasis_refresh", "eigenspace_adam", "eigenspace_ivon", "evon",
     "inject_noise", "kronecker_factor_ema", "transforms", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "matrix_view",
     "meanfield",
-    "posterior", "scale_by_soap", "viking",
+    "posterior", "clip_update_rms", "scale_by_reference_soap", "scale_by_soap", "viking",
     "soap", "training_samples", "whitening",
 ]

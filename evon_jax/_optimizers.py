@@ -59,6 +59,8 @@ def evon(
     stacked_dims=None,
     dimension_numbers=None,
     merge_dims: bool = False,
+    power_iter_steps: int = 1,
+    adaptive_update_tolerance: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenspace Variational Online Newton: IVON in SOAP's eigenbasis (a SOAP-Bubble).
 
@@ -92,7 +94,8 @@ def evon(
     eps: added to H + weight_decay in the update's denominator.
     weight_decay: prior precision per example δ (prior N(0, 1/(ess δ) I)); default 1e-4
       (IVON's; the authors' EVON used 1e-6, an almost flat prior on small data).
-    precondition_frequency: real steps between basis refreshes (static).
+    precondition_frequency: real steps between basis refreshes (static): an int, or a
+      schedule ``step -> int`` of the traced step (write it with `jnp`).
     max_precond_dim: an axis longer than this keeps the identity basis (static).
     precondition_1d: give 1-D leaves a full basis (else plain IVON on them).
     hess_clip_ratio: clip ĥ to ±ratio (H + eps); None disables.
@@ -151,6 +154,11 @@ def evon(
     merge_dims: merge neighbouring dims greedily while their product stays within
       `max_precond_dim` (the reference SOAP's `merge_dims`); exclusive with
       `dimension_numbers`.
+    power_iter_steps: power iterations (each followed by a QR) per power-QR refresh (the
+      reference SOAP's option of that name).
+    adaptive_update_tolerance: if set, a due refresh is skipped while every side of a leaf
+      still diagonalises its factor: ‖diag(Qᵀ F Q)‖ ≥ (1 - tolerance) ‖F‖_F (the reference
+      SOAP's adaptive criterion; see `eigenbasis_refresh`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -177,7 +185,8 @@ def evon(
   check.check_non_negative("eps", eps)
   if hess_clip_ratio is not None:
     check.check_positive("hess_clip_ratio", hess_clip_ratio)
-  check.check_static_int("precondition_frequency", precondition_frequency, 1)
+  if not callable(precondition_frequency):
+    check.check_static_int("precondition_frequency", precondition_frequency, 1)
   check.check_static_int("max_precond_dim", max_precond_dim, 0)
   check.check_choice("refresh_method", refresh_method, ("power_qr", "eigh"))
   check.check_choice("factor_gradient", factor_gradient, ("loss", "regularized"))
@@ -203,7 +212,8 @@ def evon(
           precondition_1d=precondition_1d, refresh_method=refresh_method,
           stagger_refresh=stagger_refresh, stacked_dims=stacked_dims,
           dimension_numbers=dimension_numbers, merge_dims=merge_dims, dtype=dtype,
-          rotation_precision=rotation_precision),
+          rotation_precision=rotation_precision, power_iter_steps=power_iter_steps,
+          adaptive_tolerance=adaptive_update_tolerance),
       key=key, mc_samples=mc_samples, drop_in=drop_in, phasing=phasing, axis_name=axis_name,
       replica_noise=replica_noise)
 

@@ -191,8 +191,8 @@ def test_refresh_moves_buffers_and_keeps_their_value(kind):
   factors = (_f32(_symmetric_with_spectrum(rng, [6.0, 4.0, 3.0, 2.0, 1.0])),
                           _f32(_symmetric_with_spectrum(rng, [4.0, 2.0, 1.5, 1.0])))
   buffers = [rng.standard_normal((5, 4)) for _ in range(2)]
-  basis, moved = eigenbasis.refresh(jnp.asarray(kind, jnp.int32), factors,
-                                    _pair(old_l, old_r), tuple(_f32(b) for b in buffers))
+  basis, moved, _ = eigenbasis.refresh(jnp.asarray(kind, jnp.int32), factors,
+                                       _pair(old_l, old_r), tuple(_f32(b) for b in buffers))
   new_l, new_r = _f64(basis[0]), _f64(basis[1])
   np.testing.assert_allclose(new_l.T @ new_l, np.eye(5), atol=ATOL)
   np.testing.assert_allclose(new_r.T @ new_r, np.eye(4), atol=ATOL)
@@ -209,7 +209,7 @@ def test_refresh_keep_changes_nothing():
   basis = _pair(_orthogonal(rng, 5), _orthogonal(rng, 4))
   factors = (_f32(np.eye(5)), _f32(np.eye(4)))
   buffer = _f32(rng.standard_normal((5, 4)))
-  new_basis, (moved,) = eigenbasis.refresh(jnp.asarray(eigenbasis.KEEP, jnp.int32), factors,
+  new_basis, (moved,), _ = eigenbasis.refresh(jnp.asarray(eigenbasis.KEEP, jnp.int32), factors,
                                            basis, (buffer,))
   np.testing.assert_array_equal(np.asarray(new_basis[0]), np.asarray(basis[0]))
   np.testing.assert_array_equal(np.asarray(new_basis[1]), np.asarray(basis[1]))
@@ -224,7 +224,7 @@ def test_refresh_with_nan_factor_keeps_previous_basis(kind):
   bad_left[1, 2] = bad_left[2, 1] = np.nan
   good_right = _symmetric_with_spectrum(rng, [4.0, 2.0, 1.5, 1.0])
   buffer = rng.standard_normal((5, 4))
-  basis, (moved,) = eigenbasis.refresh(
+  basis, (moved,), _ = eigenbasis.refresh(
       jnp.asarray(kind, jnp.int32), (_f32(bad_left), _f32(good_right)),
       _pair(old_l, old_r), (_f32(buffer),))
   # The NaN side keeps its basis; the healthy side is refreshed; all finite.
@@ -238,7 +238,7 @@ def test_refresh_with_nan_factor_keeps_previous_basis(kind):
   # Both sides NaN: nothing moves.
   bad_right = good_right.copy()
   bad_right[0, 0] = np.nan
-  basis, (moved,) = eigenbasis.refresh(
+  basis, (moved,), _ = eigenbasis.refresh(
       jnp.asarray(kind, jnp.int32), (_f32(bad_left), _f32(bad_right)),
       _pair(old_l, old_r), (_f32(buffer),))
   np.testing.assert_allclose(_f64(basis[0]), old_l, atol=1e-7)
@@ -258,7 +258,7 @@ def test_refresh_kind_schedule():
 
 def test_refresh_is_a_no_op_without_bases():
   buffer = _f32(np.ones((3, 1)))
-  basis, (moved,) = eigenbasis.refresh(jnp.asarray(eigenbasis.EIGH, jnp.int32),
+  basis, (moved,), _ = eigenbasis.refresh(jnp.asarray(eigenbasis.EIGH, jnp.int32),
                                        (None, None), (None, None),
                                        (buffer,))
   assert basis == (None, None)
@@ -364,7 +364,7 @@ def _rank_deficient(seed, rows=48, rank=24):
 
 def _refreshed(kind, factor, basis):
   # Through the optimizers' own path (float32, canonical signs, non-finite guard).
-  return _f64(eigenbasis._refresh_side(kind, _f32(factor), _f32(basis)))
+  return _f64(eigenbasis._refresh_side(kind, _f32(factor), _f32(basis))[0])
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -9,6 +9,7 @@ non-finite basis keeps the previous one, so a bad factor never corrupts the post
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Sequence
 
 import jax
@@ -150,7 +151,8 @@ def fresh_eigenbasis(factor: jax.Array) -> jax.Array:
 POWER_SHIFT = 1e-3
 
 
-def power_qr(factor: jax.Array, basis: jax.Array, shift: float = POWER_SHIFT) -> jax.Array:
+def power_qr(factor: jax.Array, basis: jax.Array, shift: float = POWER_SHIFT,
+             steps: int = 1, precision=_EXACT) -> jax.Array:
   """One power iteration followed by QR: the cheap refresh SOAP uses (columns not sorted).
 
   The iteration runs on `F + μ I` with μ = `shift` times the largest column of `F Q`
@@ -160,13 +162,40 @@ def power_qr(factor: jax.Array, basis: jax.Array, shift: float = POWER_SHIFT) ->
   columns into unit vectors pointing anywhere, and a change of the inputs by 1e-7 gives
   another basis; with it, directions whose eigenvalue is far below μ keep their old
   direction, and one refresh moves the basis by at most about eps/`shift` where the
-  factor moves by eps. A zero factor keeps the basis.
+  factor moves by eps. A zero factor keeps the basis. `steps` > 1 repeats the pair
+  (orthogonal iteration); `shift=0` is the reference SOAP's plain ``qr(F Q)``.
   """
-  product = jnp.matmul(factor, basis, precision=_EXACT)
-  largest = jnp.max(jnp.linalg.norm(product, axis=-2, keepdims=True), axis=-1, keepdims=True)
-  mu = jnp.where(largest > 0, shift * largest, 1.0)
-  q, _ = jnp.linalg.qr(product + mu * basis)
-  return q
+  for _ in range(steps):
+    product = jnp.matmul(factor, basis, precision=precision)
+    if shift:
+      largest = jnp.max(jnp.linalg.norm(product, axis=-2, keepdims=True), axis=-1,
+                        keepdims=True)
+      product = product + jnp.where(largest > 0, shift * largest, 1.0) * basis
+    basis, _ = jnp.linalg.qr(product)
+  return basis
+
+
+def approximate_eigenvalues(factor: jax.Array, basis: jax.Array) -> jax.Array:
+  """diag(Qᵀ F Q): the factor's eigenvalues as the current basis sees them."""
+  return jnp.sum(basis * jnp.matmul(factor, basis, precision=_EXACT), axis=-2)
+
+
+def descending_order(factor: jax.Array, basis: jax.Array) -> jax.Array:
+  """The column order that sorts `approximate_eigenvalues` descending (ties keep their
+  order): the reference SOAP sorts its basis, and Adam's nu with it, before each QR."""
+  return jnp.argsort(-approximate_eigenvalues(factor, basis), axis=-1, stable=True)
+
+
+def basis_is_current(factor: jax.Array, basis: jax.Array, tolerance) -> jax.Array:
+  """The reference SOAP's adaptive criterion: ‖diag(Qᵀ F Q)‖ ≥ (1 - tolerance) ‖F‖_F.
+
+  Q is orthogonal, so ‖Qᵀ F Q‖_F = ‖F‖_F and the left side falls short of it exactly by
+  the off-diagonal mass of F in the basis: True means the basis still diagonalises F to
+  the tolerance and a refresh can be skipped. Per stacked matrix (reduces the last two
+  dims).
+  """
+  diagonal = jnp.linalg.norm(approximate_eigenvalues(factor, basis), axis=-1)
+  return diagonal >= (1 - tolerance) * jnp.linalg.norm(factor, axis=(-2, -1))
 
 
 def canonical_signs(basis: jax.Array) -> jax.Array:
@@ -200,16 +229,66 @@ def _keep_if_not_finite(new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(jnp.all(jnp.isfinite(new)), new, old)
 
 
-def _refresh_side(kind: int, factor: jax.Array, basis: jax.Array) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class RefreshOptions:
+  """How a power-QR refresh runs (static).
+
+  Attributes:
+    power_steps: power iterations, each followed by a QR (orthogonal iteration).
+    shift: `power_qr`'s shift (0: the reference SOAP's plain ``qr(F Q)``).
+    sort: sort the columns by ``diag(Qᵀ F Q)`` before the iteration and permute the buffers
+      named as sorted (Adam's nu, IVON's H) with them, as the reference SOAP does.
+    precision: of the power iteration's product.
+  """
+
+  power_steps: int = 1
+  shift: float = POWER_SHIFT
+  sort: bool = False
+  precision: object = _EXACT
+
+
+DEFAULT_OPTIONS = RefreshOptions()
+
+
+def _no_reorder(basis: jax.Array) -> jax.Array:
+  return jnp.broadcast_to(jnp.arange(basis.shape[-1]), basis.shape[:-1])
+
+
+def _refresh_side(kind, factor: jax.Array, basis: jax.Array,
+                  options: RefreshOptions = DEFAULT_OPTIONS):
+  """(new basis, column order the old basis was permuted by) for one axis."""
   compute_dtype = jnp.promote_types(basis.dtype, jnp.float32)
   factor32, basis32 = factor.astype(compute_dtype), basis.astype(compute_dtype)
-  # Signs: a power-QR column follows its predecessor; eigh's columns are sorted by
-  # eigenvalue, not tied to the old ones, and take canonical signs.
-  new = jax.lax.switch(
-      kind,
-      [lambda f, q: q, lambda f, q: aligned_signs(power_qr(f, q), q), eigh_descending],
-      factor32, basis32)
-  return _keep_if_not_finite(new, basis32).astype(basis.dtype)
+
+  def keep(f, q):
+    return q, _no_reorder(q)
+
+  def power(f, q):
+    order = descending_order(f, q) if options.sort else _no_reorder(q)
+    start = jnp.take_along_axis(q, order[..., None, :], axis=-1) if options.sort else q
+    new = power_qr(f, start, options.shift, options.power_steps, options.precision)
+    # Signs: a power-QR column follows its predecessor.
+    return aligned_signs(new, start), order
+
+  def fresh(f, q):
+    # eigh's columns are sorted by eigenvalue, not tied to the old ones: canonical signs.
+    return eigh_descending(f, q), _no_reorder(q)
+
+  new, order = jax.lax.switch(kind, [keep, power, fresh], factor32, basis32)
+  finite = jnp.all(jnp.isfinite(new))
+  new = jnp.where(finite, new, basis32)
+  order = jnp.where(finite, order, _no_reorder(basis32))
+  return new.astype(basis.dtype), order
+
+
+def _permute_axis(x: jax.Array, order: jax.Array, axis: int) -> jax.Array:
+  """x with its entries along `axis` (a Kronecker axis; `order`'s leading dims are x's
+  stacked dims) taken in `order`."""
+  batch = order.ndim - 1
+  shape = [1] * x.ndim
+  shape[:batch] = order.shape[:-1]
+  shape[axis] = order.shape[-1]
+  return jnp.take_along_axis(x, jnp.reshape(order, shape), axis=axis)
 
 
 def refresh(
@@ -218,11 +297,16 @@ def refresh(
     basis: AxisBases,
     carried: Sequence[jax.Array],
     in_place: bool = True,
-) -> tuple[AxisBases, tuple[jax.Array, ...]]:
+    permuted: Sequence[jax.Array] = (),
+    options: RefreshOptions = DEFAULT_OPTIONS,
+) -> tuple[AxisBases, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """Refreshes a basis (`kind` in KEEP / POWER_QR / EIGH) and moves eigen-coordinate buffers.
 
   `carried` are buffers held in eigen coordinates (momentum, the mean) whose parameter-space
-  value must not change when the basis does. The refresh runs only when due.
+  value must not change when the basis does. `permuted` are per-coordinate buffers that stay
+  in place (Adam's nu, IVON's H) except that, with `options.sort`, their entries follow the
+  columns of a sorted power-QR refresh. The refresh runs only when due.
+  Returns (bases, carried, permuted).
 
   `in_place=True` runs it as the body of a `while_loop` taken zero or one times: a loop
   carry is updated in place, while a `lax.cond` whose keep-branch passes the bases through
@@ -232,26 +316,37 @@ def refresh(
   32 per step) and passes `in_place=False`.
   """
   if all(b is None for b in basis):
-    return basis, tuple(carried)
+    return basis, tuple(carried), tuple(permuted)
 
-  def moved(old_basis, buffers):
-    new_basis = jax.tree.map(
-        lambda f, q: _refresh_side(kind, f, q), factors, old_basis)
-    return new_basis, tuple(change_basis(b, old_basis, new_basis) for b in buffers)
+  def moved(old_basis, buffers, per_coordinate):
+    sides = [None if q is None else _refresh_side(kind, f, q, options)
+             for f, q in zip(factors, old_basis)]
+    new_basis = tuple(None if side is None else side[0] for side in sides)
+    buffers = tuple(change_basis(b, old_basis, new_basis) for b in buffers)
+    if options.sort:
+      reordered = []
+      for x in per_coordinate:
+        start = x.ndim - len(sides)
+        for k, side in enumerate(sides):
+          if side is not None:
+            x = _permute_axis(x, side[1], start + k)
+        reordered.append(x)
+      per_coordinate = tuple(reordered)
+    return new_basis, buffers, tuple(per_coordinate)
 
   due = kind != KEEP
+  operands = (tuple(basis), tuple(carried), tuple(permuted))
   if not in_place:
-    return jax.lax.cond(due, lambda ops: moved(*ops), lambda ops: ops,
-                        (basis, tuple(carried)))
+    return jax.lax.cond(due, lambda ops: moved(*ops), lambda ops: ops, operands)
 
   def body(loop):
-    done, old_basis, buffers = loop
-    return (done + 1,) + moved(old_basis, buffers)
+    done, ops = loop
+    return done + 1, moved(*ops)
 
-  _, new_basis, buffers = jax.lax.while_loop(
+  _, result = jax.lax.while_loop(
       lambda loop: loop[0] < due.astype(jnp.int32), body,
-      (jnp.zeros([], jnp.int32), basis, tuple(carried)))
-  return new_basis, buffers
+      (jnp.zeros([], jnp.int32), operands))
+  return result
 
 
 def refresh_kind(

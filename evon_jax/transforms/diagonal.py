@@ -71,6 +71,8 @@ class EigenspaceIvonState(NamedTuple):
 # The buffers `eigenbasis_refresh` re-expresses when the basis changes (a NamedTuple cannot
 # declare a class attribute in its body).
 EigenspaceIvonState.eigen_fields = ("mean", "momentum")
+# Per-coordinate buffers a sorting refresh permutes with the basis columns.
+EigenspaceIvonState.sorted_fields = ("hessian",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +284,7 @@ class EigenspaceAdamState(NamedTuple):
 
 
 EigenspaceAdamState.eigen_fields = ("mu",)
+EigenspaceAdamState.sorted_fields = ("nu",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +293,32 @@ class AdamSpec(protocol.Spec):
   static_hp: tuple
   dtype: Any = None
   relative: bool = False
+  correct_bias: bool = True
+  eps_after_correction: bool = False
+  nesterov: bool = False
+
+  def direction(self, new_mu, new_nu, grad, b1, b2, t, floor, moves):
+    """Adam's direction from the new moments (this step's `grad` for nesterov); zero
+    unless `moves`."""
+    if self.correct_bias:
+      correction1, correction2 = 1 - b1 ** t, 1 - b2 ** t
+    else:
+      correction1 = correction2 = 1.0
+    if not (self.nesterov or self.eps_after_correction):
+      # SOAP's form: one scalar √(1-b2ᵗ)/(1-b1ᵗ) times mu / (√nu + eps).
+      scale = scale_if(jnp.sqrt(correction2) / correction1, moves)
+      return scale * new_mu / (jnp.sqrt(new_nu) + floor)
+    if self.nesterov:
+      # m̂ = b1 mu/(1-b1^(t+1)) + (1-b1) g/(1-b1ᵗ): the look-ahead momentum.
+      ahead = 1 - b1 ** (t + 1) if self.correct_bias else 1.0
+      momentum = b1 * new_mu / ahead + (1 - b1) * grad / correction1
+    else:
+      momentum = new_mu / correction1
+    if self.eps_after_correction:  # eps added to the corrected root (optax.adam's form)
+      direction = momentum / (jnp.sqrt(new_nu / correction2) + floor)
+    else:
+      direction = jnp.sqrt(correction2) * momentum / (jnp.sqrt(new_nu) + floor)
+    return scale_if(1.0, moves).astype(direction.dtype) * direction
 
   def init(self, params, traced, layouts=None):
     leaves, treedef = jax.tree.flatten(params)
@@ -308,7 +337,6 @@ class AdamSpec(protocol.Spec):
     b1_keep, b1_take = ema_coefficients(b1, moves)
     b2_keep, b2_take = ema_coefficients(b2, moves)
     t = state.count + 1
-    scale = scale_if(jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t), moves)
     treedef = jax.tree.structure(state.mu)
     outs, mus, nus = [], [], []
     for record, layout, mu, nu in zip(message.leaves, message.layouts,
@@ -321,12 +349,11 @@ class AdamSpec(protocol.Spec):
       mu_view, nu_view = as_view(mu, layout), as_view(nu, layout)
       new_mu = (b1_keep * mu_view + b1_take * grad).astype(mu.dtype)
       new_nu = (b2_keep * nu_view + b2_take * grad * grad).astype(nu.dtype)
-      root = jnp.sqrt(new_nu)
       # On the first call mu = nu = 0: the +1 keeps 0 / 0 out even with eps = 0.
       floor = eps + gates.first.astype(nu.dtype)
       if self.relative:
         floor = floor + relative_eps * jnp.sqrt(jnp.mean(new_nu))
-      outs.append(scale * new_mu / (root + floor))
+      outs.append(self.direction(new_mu, new_nu, grad, b1, b2, t, floor, moves))
       mus.append(from_view(new_mu, layout)), nus.append(from_view(new_nu, layout))
     new_state = EigenspaceAdamState(state.count + moves.astype(state.count.dtype),
                                     treedef.unflatten(mus), treedef.unflatten(nus))
@@ -334,7 +361,9 @@ class AdamSpec(protocol.Spec):
 
 
 def eigenspace_adam(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, *,
-                    relative_eps: float = 0.0, dtype=None) -> protocol.PieceTransformation:
+                    relative_eps: float = 0.0, correct_bias: bool = True,
+                    eps_after_correction: bool = False, nesterov: bool = False,
+                    dtype=None) -> protocol.PieceTransformation:
   r"""Adam in whatever coordinates it is handed (SOAP inside `eigenbasis_refresh`).
 
   ``mu ← b1 mu + (1-b1) G``, ``nu ← b2 nu + (1-b2) G²``, and the direction
@@ -350,6 +379,12 @@ def eigenspace_adam(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, *,
   weights by ~0.05 in 12 steps (`benchmarks/sensitivity.py`). A floor proportional to the
   leaf's own scale damps exactly those coordinates, whatever the loss's units: 1e-2 brings
   that to 4-8e-4 and 3e-2 to 1.5-2.9e-4 (benchmarks/results/sensitivity.md).
+
+  The NVIDIA reference SOAP's inner-Adam options: `correct_bias=False` drops both bias
+  corrections; `eps_after_correction=True` adds eps to the corrected root,
+  ``(mu/(1-b1ᵗ)) / (√(nu/(1-b2ᵗ)) + eps)``; `nesterov=True` uses the look-ahead momentum
+  ``b1 mu/(1-b1^(t+1)) + (1-b1) G/(1-b1ᵗ)`` (without the corrections when `correct_bias`
+  is False).
   """
   check.check_beta("b1", b1)
   check.check_beta("b2", b2)
@@ -357,4 +392,7 @@ def eigenspace_adam(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, *,
   check.check_non_negative("relative_eps", relative_eps)
   static_hp, traced_hp = split_hyperparams(AdamHyperparams(b1, b2, eps, relative_eps))
   relative = not (isinstance(relative_eps, (int, float)) and relative_eps == 0)
-  return protocol.transformation(AdamSpec(static_hp, dtype=dtype, relative=relative), traced_hp)
+  return protocol.transformation(
+      AdamSpec(static_hp, dtype=dtype, relative=relative, correct_bias=bool(correct_bias),
+               eps_after_correction=bool(eps_after_correction), nesterov=bool(nesterov)),
+      traced_hp)

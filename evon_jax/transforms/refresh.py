@@ -22,7 +22,7 @@ from evon_jax.maths.kronecker import (
 from evon_jax import _validation as check
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
-    join_hyperparams, replica_mean, split_hyperparams, zero_unless)
+    join_hyperparams, replica_mean, split_hyperparams, widest_float, zero_unless)
 
 
 def _full_layouts(tree):
@@ -69,6 +69,9 @@ class FactorSpec(protocol.Spec):
   static_hp: tuple
   statistic: str = "mean_gradient"
   dtype: Any = None
+  bias_correction: bool = False
+  kl_shampoo: bool = False
+  kl_eps: float = 1e-8
 
   def init(self, params, traced, layouts=None):
     layouts = layouts or _full_layouts(params)
@@ -78,27 +81,46 @@ class FactorSpec(protocol.Spec):
     return KroneckerFactorState(bases_to_storage(
         zeros, layouts, jax.tree.structure(params), num_slots(layouts), dtypes))
 
-  def leaf_statistic(self, record, layout, traced, active, replica_axis):
+  def leaf_statistic(self, record, layout, traced, active, replica_axis, factors=None,
+                     bases=None):
     """Per axis the statistic of one leaf's step: of the mean (regularized) gradient, or the
-    mean of per-sample statistics; zero on an inactive call."""
+    mean of per-sample statistics (KL-Shampoo's, from the leaf's current `factors` and
+    `bases`, when `kl_shampoo`); zero on an inactive call."""
     hp = join_hyperparams(FactorHyperparams, self.static_hp, traced)
     grads = record.grads
     if not (isinstance(hp.regularization, (int, float)) and hp.regularization == 0):
       grads = grads + hp.regularization * record.thetas  # the gradient of loss + δ/2 |θ|²
-    if self.statistic == "per_sample":
+    if self.kl_shampoo:
+      statistic = kl_shampoo_statistics(
+          replica_mean(jnp.mean(grads, axis=0), replica_axis), layout, factors, bases,
+          self.kl_eps)
+    elif self.statistic == "per_sample":
       statistic = replica_mean(mean_factor_statistics(grads, layout), replica_axis)
     else:
       statistic = factor_statistics(replica_mean(jnp.mean(grads, axis=0), replica_axis),
                                     layout)
     return zero_unless(active, statistic)
 
-  def leaf_update(self, factors, statistic, on, traced):
-    """The EMA of one leaf's factors; (1, 0) coefficients when `on` is False (exact no-op)."""
+  def leaf_update(self, factors, statistic, on, traced, count=None):
+    """The EMA of one leaf's factors; (1, 0) coefficients when `on` is False (exact no-op).
+    With `bias_correction`, `count` is this update's 1-based index t and the decay is
+    ``1 - (1-β)/(1-βᵗ)``: the factor is the normalised weighted mean of the statistics so
+    far (the first update takes the statistic whole)."""
     hp = join_hyperparams(FactorHyperparams, self.static_hp, traced)
-    new = ema(factors, statistic, *ema_coefficients(hp.decay, on))
+    decay = hp.decay
+    if self.bias_correction:
+      if count is None:
+        raise ValueError("kronecker_factor_ema(bias_correction=True) counts its updates "
+                         "through eigenbasis_refresh; use it as that piece's `factors`.")
+      decay = 1 - (1 - decay) / (1 - decay ** count.astype(widest_float()))
+    new = ema(factors, statistic, *ema_coefficients(decay, on))
     return jax.tree.map(lambda n, o: n.astype(o.dtype), new, factors)
 
   def apply(self, updates, state, params, traced):
+    if self.kl_shampoo or self.bias_correction:
+      raise ValueError("kronecker_factor_ema with kl_shampoo or bias_correction reads the "
+                       "bases and the step count of an eigenbasis_refresh: use it as that "
+                       "piece's `factors`, not on its own.")
     reference = updates if params is None else params
     dtypes = _stored_dtypes(state.factors, reference, self.dtype)
     like = jax.tree.structure(reference).unflatten(  # shapes and dtypes only: dead code
@@ -119,8 +141,45 @@ class FactorSpec(protocol.Spec):
     return updates, KroneckerFactorState(stored)
 
 
+def kl_shampoo_statistics(grad: jax.Array, layout, factors, bases, eps: float):
+  r"""KL-Shampoo's factor statistics of one gradient (Lin et al., arXiv 2509.03378).
+
+  Per rotated axis k: ``G_(k) (⊗_{j≠k} C_j) G_(k)ᵀ`` with
+  ``C_j = Q_j diag(1 / (n_j max(λ_j, eps))) Q_jᵀ``, where ``λ_j = diag(Q_jᵀ F_j Q_j)`` are
+  the other axes' eigenvalues as their current bases see them (`factors` F_j and `bases`
+  Q_j before this step's update) and n_j their sizes. For a matrix: ``L ← G C_R Gᵀ`` and
+  ``R ← Gᵀ C_L G``, the statistics the NVIDIA reference's `use_kl_shampoo` uses. Axes without
+  a basis contribute the identity.
+  """
+  from evon_jax.maths.eigenbasis import approximate_eigenvalues
+  inverses = []
+  for size, factor, basis in zip(layout.axes, factors, bases):
+    if basis is None:
+      inverses.append(None)
+      continue
+    scale = 1.0 / (size * jnp.maximum(approximate_eigenvalues(factor, basis), eps))
+    inverses.append(jnp.matmul(basis * scale[..., None, :], jnp.matrix_transpose(basis),
+                               precision=jax.lax.Precision.HIGHEST))
+  batch = len(layout.batch)
+  out = []
+  for k, rotated in enumerate(layout.rotated):
+    if not rotated:
+      out.append(None)
+      continue
+    # C_j symmetric, so rotate_out's G ×_j C_j is G ×_j C_jᵀ: every axis but k weighted.
+    weighted = rotate_out(grad, tuple(None if j == k else c for j, c in enumerate(inverses)),
+                          jax.lax.Precision.HIGHEST)
+    contract = tuple(d for d in range(grad.ndim) if d != batch + k and d >= batch)
+    out.append(jax.lax.dot_general(
+        grad, weighted, ((contract, contract), (tuple(range(batch)), tuple(range(batch)))),
+        precision=jax.lax.Precision.HIGHEST))
+  return tuple(out)
+
+
 def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient",
-                         regularization: float = 0.0, dtype=None) -> protocol.PieceTransformation:
+                         regularization: float = 0.0, bias_correction: bool = False,
+                         kl_shampoo: bool = False, kl_eps: float = 1e-8,
+                         dtype=None) -> protocol.PieceTransformation:
   r"""EMA of the Kronecker factors: per axis k, ``L_k ← decay L_k + (1-decay) G_(k) G_(k)ᵀ``.
 
   G_(k) is the gradient's mode-k unfolding (for a matrix: ``G Gᵀ`` and ``Gᵀ G``). Used as the
@@ -136,13 +195,25 @@ def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient
       optimum (EVON's `factor_gradient='regularized'`). The sampled points come from
       `inject_noise`: a factor EMA or refresh used on plain gradients has none, and reads δ
       as 0.
+    bias_correction: divide out the EMA's bias: the t-th update uses the decay
+      ``1 - (1-decay)/(1-decayᵗ)`` (the reference SOAP's `correct_shampoo_beta_bias`).
+      Counted by `eigenbasis_refresh`, which must wrap it.
+    kl_shampoo: KL-Shampoo's statistics (`kl_shampoo_statistics`): each axis's outer
+      product weighted by the other axes' inverse eigenvalues in their current bases (the
+      reference SOAP's `use_kl_shampoo`); `kl_eps` floors those eigenvalues.
     dtype: dtype of the factors (default float32, wider if params are wider).
   """
   check.check_beta("decay", decay)
   check.check_non_negative("regularization", regularization)
   check.check_choice("statistic", statistic, ("mean_gradient", "per_sample"))
+  check.check_positive("kl_eps", kl_eps)
+  if kl_shampoo and statistic != "mean_gradient":
+    raise ValueError("kronecker_factor_ema: kl_shampoo=True uses the mean gradient's "
+                     "statistics (statistic='mean_gradient').")
   static_hp, traced_hp = split_hyperparams(FactorHyperparams(decay, regularization))
-  spec = FactorSpec(static_hp, statistic=statistic, dtype=dtype)
+  spec = FactorSpec(static_hp, statistic=statistic, dtype=dtype,
+                    bias_correction=bool(bias_correction), kl_shampoo=bool(kl_shampoo),
+                    kl_eps=float(kl_eps))
   return protocol.transformation(spec, traced_hp)
 
 
@@ -173,7 +244,7 @@ class EigenbasisRefreshState(NamedTuple):
 class RefreshSpec(protocol.Spec):
   inner: protocol.Spec
   factors: FactorSpec
-  precondition_frequency: int = 10
+  precondition_frequency: Any = 10  # an int, or a function of the (traced) step
   max_precond_dim: int = 10000
   precondition_1d: bool = False
   refresh_method: str = "power_qr"
@@ -184,6 +255,11 @@ class RefreshSpec(protocol.Spec):
   dtype: Any = None
   rotation_precision: Any = "highest"
   updates_read: bool = True
+  timing: str = "after"
+  warmup_steps: int = 0
+  adaptive_tolerance: Any = None
+  options: eigenbasis.RefreshOptions = eigenbasis.DEFAULT_OPTIONS
+  inner_l2: float = 0.0
 
   def layouts(self, tree):
     return tree_layouts(tree, max_precond_dim=self.max_precond_dim,
@@ -205,8 +281,14 @@ class RefreshSpec(protocol.Spec):
         factors=self.factors.init(params, factor_traced, layouts),
         inner=self.inner.init(params, inner_traced, layouts))
 
+  def _frequency(self, step):
+    every = self.precondition_frequency
+    return jnp.maximum(jnp.asarray(every(step), jnp.int32), 1) if callable(every) else every
+
   def _refresh_offset(self, leaf_index: int) -> int:
-    return leaf_index % self.precondition_frequency if self.stagger_refresh else 0
+    if not self.stagger_refresh:
+      return 0
+    return leaf_index % self.precondition_frequency
 
   def _rotate_in(self, grads, bases, plain: bool):
     """G ×₁ Q₁ᵀ ×₂ Q₂ᵀ … for a stack of samples. A plain gradient is rotated without its
@@ -216,6 +298,104 @@ class RefreshSpec(protocol.Spec):
       return rotate_in(grads[0], bases, self.rotation_precision)[None]
     return rotate_in(grads, bases, self.rotation_precision)
 
+  def _kind(self, gates, count, leaf_index, factors, bases):
+    """This call's refresh of one leaf (KEEP / POWER_QR / EIGH).
+
+    'after': `eigh` on the first call, then every `precondition_frequency` steps.
+    'before' (the reference SOAP's schedule, 0-based step t): due when t ≥ warmup_steps and
+    t % frequency(t) == 0; `eigh` at t == warmup_steps (the first basis), the periodic
+    method afterwards. With `adaptive_tolerance`, a due periodic refresh is skipped while
+    every side's basis still diagonalises its factor (`eigenbasis.basis_is_current`).
+    """
+    periodic = eigenbasis.EIGH if self.refresh_method == "eigh" else eigenbasis.POWER_QR
+    every = self._frequency(count)
+    if self.timing == "before":
+      scheduled = (count >= self.warmup_steps) & (count % every == 0)
+      fresh = scheduled & (count == self.warmup_steps)
+    else:
+      scheduled = (count + self._refresh_offset(leaf_index)) % every == 0
+      fresh = gates.first
+    if self.adaptive_tolerance is not None:
+      current = jnp.asarray(True)
+      for factor, basis in zip(factors, bases):
+        if basis is not None:
+          current = current & jnp.all(
+              eigenbasis.basis_is_current(factor, basis, self.adaptive_tolerance))
+      scheduled = scheduled & ~current
+    kind = jnp.where(fresh, eigenbasis.EIGH, jnp.where(scheduled, periodic, eigenbasis.KEEP))
+    return jnp.where(gates.active, kind, eigenbasis.KEEP).astype(jnp.int32)
+
+  def _update_leaf(self, i, record, layout, gates, count, factors, bases, eigen_buffers,
+                   per_coordinate, factor_traced, replica_axis):
+    """Factor statistics and EMA, then the refresh when due, for one leaf."""
+    statistic = self.factors.leaf_statistic(record, layout, factor_traced, gates.active,
+                                            replica_axis, factors, bases)
+    if self.timing == "before":
+      # The reference's order: the factors take this step's gradient, then the schedule
+      # (and the adaptive criterion) looks at them.
+      factors = self.factors.leaf_update(factors, statistic, gates.active, factor_traced,
+                                         count + 1)
+      kind = self._kind(gates, count, i, factors, bases)
+    else:
+      kind = self._kind(gates, count, i, factors, bases)
+      factors_on = gates.active & (gates.first | gates.factors_free | (kind != eigenbasis.KEEP))
+      factors = self.factors.leaf_update(factors, statistic, factors_on, factor_traced,
+                                         count + 1)
+    carried = [as_view(x, layout) for x in eigen_buffers]
+    permuted = [as_view(x, layout) for x in per_coordinate]
+    in_place = not self.updates_read or self.timing == "before"
+    bases, carried, permuted = eigenbasis.refresh(kind, factors, bases, carried,
+                                                  in_place=in_place, permuted=permuted,
+                                                  options=self.options)
+    return (factors, bases, [from_view(x, layout) for x in carried],
+            [from_view(x, layout) for x in permuted])
+
+  def _inner_buffers(self, inner_state, treedef):
+    names = type(inner_state).eigen_fields
+    sorted_names = type(inner_state).sorted_fields if self.options.sort else ()
+    return (names, protocol.fields(inner_state, names, treedef), sorted_names,
+            protocol.fields(inner_state, sorted_names, treedef))
+
+  def _refresh_all(self, message, gates, count, inner_state, factors, bases, treedef,
+                   factor_traced):
+    """Every leaf's factor update and refresh; the inner state with its buffers moved."""
+    names, buffers, sorted_names, per_coordinate = self._inner_buffers(inner_state, treedef)
+    for i, (record, layout) in enumerate(zip(message.leaves, message.layouts)):
+      if record is None or not layout.any_rotated:
+        continue
+      factors[i], bases[i], carried, permuted = self._update_leaf(
+          i, record, layout, gates, count, factors[i], bases[i],
+          [column[i] for column in buffers], [column[i] for column in per_coordinate],
+          factor_traced, message.replica_axis)
+      for column, value in zip(buffers + per_coordinate, carried + permuted):
+        column[i] = value
+    return inner_state._replace(**{
+        name: treedef.unflatten(column)
+        for name, column in zip(names + sorted_names, buffers + per_coordinate)})
+
+  def _inner_step(self, message, gates, bases, inner_state, params, inner_traced, plain,
+                  treedef):
+    """The inner method's step on the gradients rotated into `bases`; its update rotated
+    back out with the same bases."""
+    thetas = (treedef.flatten_up_to(params) if self.inner_l2 else [None] * len(bases))
+    eigen = []
+    for rec, q, layout, theta in zip(message.leaves, bases, message.layouts, thetas):
+      if rec is None:
+        eigen.append(None)
+        continue
+      grads = rec.grads
+      if self.inner_l2:  # L2 on the inner's gradient only (the factors took the plain one)
+        grads = grads + self.inner_l2 * as_view(theta, layout).astype(grads.dtype)[None]
+      eigen.append(protocol.EigenGradients(self._rotate_in(grads, q, plain), rec.normals))
+    inner_out, inner_state = self.inner.apply(
+        protocol.Message(eigen, gates, message.layouts, message.replica_axis), inner_state,
+        params, inner_traced)
+    outs = None
+    if self.updates_read:
+      outs = [None if rec is None else rotate_out(out, q, self.rotation_precision)
+              for rec, out, q in zip(message.leaves, inner_out, bases)]
+    return outs, inner_state
+
   def apply(self, updates, state, params, traced):
     inner_traced, factor_traced = traced
     # The inner's first eigen buffer (IVON's mean, Adam's mu) is params-shaped in the
@@ -223,48 +403,32 @@ class RefreshSpec(protocol.Spec):
     message, plain = protocol.as_message(
         updates, params, self.layouts, getattr(state.inner, type(state.inner).eigen_fields[0]))
     reference = updates if params is None else params
+    if self.inner_l2 and params is None:
+      raise ValueError("eigenbasis_refresh(inner_l2=...) adds inner_l2 * params to the "
+                       "gradient: call update(grads, state, params).")
     treedef = jax.tree.structure(reference)
     layouts = message.layouts
-    gates = message.gates._replace(first=message.gates.first | (state.count == 0))
     bases = storage_to_bases(state.bases, treedef, layouts)
-    eigen = [None if rec is None else protocol.EigenGradients(
-        self._rotate_in(rec.grads, q, plain), rec.normals)
-        for rec, q in zip(message.leaves, bases)]
-    inner_out, inner_state = self.inner.apply(
-        protocol.Message(eigen, gates, layouts, message.replica_axis), state.inner, params,
-        inner_traced)
-
-    names = type(inner_state).eigen_fields
-    buffers = protocol.fields(inner_state, names, treedef)
     factors = storage_to_bases(state.factors.factors, treedef, layouts)
-    outs = []
-    for i, (record, layout) in enumerate(zip(message.leaves, layouts)):
-      if record is None:
-        outs.append(None)
-        continue
-      if self.updates_read:  # SOAP rotates its direction out with the basis it was made in
-        outs.append(rotate_out(inner_out[i], bases[i], self.rotation_precision))
-      if not layout.any_rotated:
-        continue
-      kind = eigenbasis.refresh_kind(gates.first, state.count, self.precondition_frequency,
-                                     self._refresh_offset(i), self.refresh_method)
-      kind = jnp.where(gates.active, kind, eigenbasis.KEEP)
-      factors_on = gates.active & (gates.first | gates.factors_free | (kind != eigenbasis.KEEP))
-      statistic = self.factors.leaf_statistic(record, layout, factor_traced, gates.active,
-                                              message.replica_axis)
-      factors[i] = self.factors.leaf_update(factors[i], statistic, factors_on, factor_traced)
-      carried = [as_view(column[i], layout) for column in buffers]
-      bases[i], carried = eigenbasis.refresh(kind, factors[i], bases[i], carried,
-                                             in_place=not self.updates_read)
-      for column, value in zip(buffers, carried):
-        column[i] = from_view(value, layout)
+    if self.timing == "before":
+      # The reference SOAP's order: factors and bases first, then the step in the new basis
+      # (the first call is a step too).
+      inner_state = self._refresh_all(message, message.gates, state.count, state.inner,
+                                      factors, bases, treedef, factor_traced)
+      outs, inner_state = self._inner_step(message, message.gates, bases, inner_state,
+                                           params, inner_traced, plain, treedef)
+    else:
+      gates = message.gates._replace(first=message.gates.first | (state.count == 0))
+      # SOAP rotates its direction out with the basis it was made in.
+      outs, inner_state = self._inner_step(message, gates, bases, state.inner, params,
+                                           inner_traced, plain, treedef)
+      inner_state = self._refresh_all(message, gates, state.count, inner_state, factors,
+                                      bases, treedef, factor_traced)
 
     dtypes = _stored_dtypes(state.bases, reference, self.dtype)
     slots = len(state.bases)
-    inner_state = inner_state._replace(
-        **{name: treedef.unflatten(column) for name, column in zip(names, buffers)})
     new_state = EigenbasisRefreshState(
-        count=state.count + gates.active.astype(state.count.dtype),
+        count=state.count + message.gates.active.astype(state.count.dtype),
         bases=bases_to_storage(bases, layouts, treedef, slots, dtypes),
         factors=KroneckerFactorState(bases_to_storage(factors, layouts, treedef, slots,
                                                       dtypes)),
@@ -288,6 +452,14 @@ def eigenbasis_refresh(
     merge_dims: bool = False,
     dtype=None,
     rotation_precision="highest",
+    timing: str = "after",
+    warmup_steps: int = 0,
+    adaptive_tolerance=None,
+    power_iter_steps: int = 1,
+    power_shift: float = eigenbasis.POWER_SHIFT,
+    sort_columns: bool = False,
+    qr_precision="highest",
+    inner_l2: float = 0.0,
 ) -> protocol.PieceTransformation:
   r"""Runs `inner` (a diagonal method) in the eigenbasis of Kronecker factors it keeps.
 
@@ -302,7 +474,9 @@ def eigenbasis_refresh(
   Args:
     inner: `eigenspace_ivon(...)` (EVON) or `eigenspace_adam(...)` (SOAP).
     factors: `kronecker_factor_ema(...)`.
-    precondition_frequency: steps between refreshes.
+    precondition_frequency: steps between refreshes: an int, or a schedule
+      ``step -> int`` called with the traced 0-based step (write it with `jnp`, e.g.
+      ``lambda t: jnp.where(t < 100, 1, 10)``).
     max_precond_dim: axes longer than this keep the identity basis.
     precondition_1d: give 1-D leaves a basis too.
     refresh_method: 'power_qr' or 'eigh' for the periodic refresh.
@@ -311,14 +485,49 @@ def eigenbasis_refresh(
       (see `evon_jax.evon`).
     dtype: dtype of bases and factors (default float32, wider if params are wider).
     rotation_precision: `jax.lax.Precision` of the per-step rotations.
+    timing: 'after' (default): the step runs in the bases of the last refresh, then the
+      factors take its gradient and the bases are refreshed when due; the first call only
+      initialises (factors and an `eigh` basis, a zero step). 'before' (the NVIDIA reference
+      SOAP's order, and REKLS's "real-time" refresh): the factors take the step's gradient
+      and the due refresh runs first, then the step runs in the new bases; the first call
+      is a step. Its schedule counts 0-based steps t: a refresh is due when
+      t ≥ `warmup_steps` and t % frequency == 0, `eigh` at t == `warmup_steps`; before
+      `warmup_steps` the bases stay the identity (the inner method on plain gradients).
+    warmup_steps: see `timing` ('before' only; the reference's `adam_warmup_steps`).
+    adaptive_tolerance: if set, a due periodic refresh is skipped while, on every side of the
+      leaf, ‖diag(Qᵀ F Q)‖ ≥ (1 - tolerance) ‖F‖_F (the reference's
+      `use_adaptive_criteria` / `adaptive_update_tolerance`; never the first basis).
+    power_iter_steps: power iterations (each followed by a QR) per power-QR refresh.
+    power_shift: the shift of each power iteration as a fraction of the factor's scale
+      (see `eigenbasis.power_qr`; 0: the reference's plain ``qr(F Q)``).
+    sort_columns: before a power-QR refresh, order the columns by ``diag(Qᵀ F Q)``
+      (descending) and permute the inner's per-coordinate second moments (Adam's nu, IVON's
+      H) with them, as the reference does.
+    qr_precision: `jax.lax.Precision` of the power iterations' products.
+    inner_l2: adds ``inner_l2 · params`` to the gradient the inner method sees, not to the
+      factor statistics (the reference's `weight_decay_method='l2'`); needs `params`.
   """
   inner_spec, inner_traced = protocol.spec_of(inner, "eigenbasis_refresh")
   if not protocol.is_diagonal(inner_spec):
     raise TypeError("eigenbasis_refresh wraps a diagonal method: eigenspace_ivon(...) or "
                     f"eigenspace_adam(...), got {type(inner_spec).__name__}.")
-  check.check_static_int("precondition_frequency", precondition_frequency, 1)
+  if not callable(precondition_frequency):
+    check.check_static_int("precondition_frequency", precondition_frequency, 1)
+  elif stagger_refresh:
+    raise ValueError("stagger_refresh needs an int precondition_frequency, not a schedule.")
   check.check_static_int("max_precond_dim", max_precond_dim, 0)
   check.check_choice("refresh_method", refresh_method, ("power_qr", "eigh"))
+  check.check_choice("timing", timing, ("after", "before"))
+  check.check_static_int("warmup_steps", warmup_steps, 0)
+  if warmup_steps and timing != "before":
+    raise ValueError("warmup_steps belongs to timing='before' (the reference's schedule).")
+  if stagger_refresh and timing == "before":
+    raise ValueError("stagger_refresh belongs to timing='after'.")
+  if adaptive_tolerance is not None:
+    check.check_non_negative("adaptive_tolerance", adaptive_tolerance)
+  check.check_static_int("power_iter_steps", power_iter_steps, 1)
+  check.check_non_negative("power_shift", power_shift)
+  check.check_non_negative("inner_l2", inner_l2)
   check.check_stacked_dims(stacked_dims)
   check.check_dimension_numbers(dimension_numbers, merge_dims)
   factor_spec, factor_traced = protocol.spec_of(factors, "eigenbasis_refresh(factors=...)")
@@ -329,5 +538,10 @@ def eigenbasis_refresh(
       max_precond_dim=max_precond_dim, precondition_1d=precondition_1d,
       refresh_method=refresh_method, stagger_refresh=stagger_refresh,
       stacked_dims=stacked_dims, dimension_numbers=dimension_numbers,
-      merge_dims=bool(merge_dims), dtype=dtype, rotation_precision=rotation_precision)
+      merge_dims=bool(merge_dims), dtype=dtype, rotation_precision=rotation_precision,
+      timing=timing, warmup_steps=int(warmup_steps),
+      adaptive_tolerance=None if adaptive_tolerance is None else float(adaptive_tolerance),
+      options=eigenbasis.RefreshOptions(int(power_iter_steps), float(power_shift),
+                                        bool(sort_columns), qr_precision),
+      inner_l2=float(inner_l2))
   return protocol.transformation(spec, (inner_traced, factor_traced))
