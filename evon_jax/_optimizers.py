@@ -61,6 +61,7 @@ def evon(
     merge_dims: bool = False,
     power_iter_steps: int = 1,
     adaptive_update_tolerance: Optional[float] = None,
+    use_kl_shampoo: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenspace Variational Online Newton: IVON in SOAP's eigenbasis (a SOAP-Bubble).
 
@@ -156,9 +157,13 @@ def evon(
       `dimension_numbers`.
     power_iter_steps: power iterations (each followed by a QR) per power-QR refresh (the
       reference SOAP's option of that name).
-    adaptive_update_tolerance: if set, a due refresh is skipped while every side of a leaf
+    adaptive_update_tolerance: if set, a due refresh of a side is skipped while its basis
       still diagonalises its factor: ‖diag(Qᵀ F Q)‖ ≥ (1 - tolerance) ‖F‖_F (the reference
-      SOAP's adaptive criterion; see `eigenbasis_refresh`).
+      SOAP's adaptive criterion, judged per side; see `eigenbasis_refresh`).
+    use_kl_shampoo: KL-Shampoo factor statistics (Lin et al., arXiv 2509.03378): each side's
+      outer product weighted by the other side's inverse eigenvalues (`kl_shampoo_statistics`
+      with `scaled=True`: the first update reads the empty factors as the gradient's
+      isotropic scale, the eigenvalues are floored at 1e-6 of their mean).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -207,13 +212,15 @@ def evon(
               momentum_dtype=_dtype_or_none(momentum_dtype)),
           factors=kronecker_factor_ema(b2 if shampoo_b is None else shampoo_b,
                                        statistic=factor_statistic,
-                                       regularization=regularization, dtype=dtype),
+                                       regularization=regularization,
+                                       kl_shampoo=bool(use_kl_shampoo), kl_eps=1e-6,
+                                       kl_scaled=True, dtype=dtype),
           precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
           precondition_1d=precondition_1d, refresh_method=refresh_method,
           stagger_refresh=stagger_refresh, stacked_dims=stacked_dims,
           dimension_numbers=dimension_numbers, merge_dims=merge_dims, dtype=dtype,
           rotation_precision=rotation_precision, power_iter_steps=power_iter_steps,
-          adaptive_tolerance=adaptive_update_tolerance),
+          adaptive_tolerance=adaptive_update_tolerance, adaptive_per_side=True),
       key=key, mc_samples=mc_samples, drop_in=drop_in, phasing=phasing, axis_name=axis_name,
       replica_noise=replica_noise)
 

@@ -390,3 +390,62 @@ def test_inject_hyperparams_with_reference_names():
     got, injected_state = injected.update(grads, injected_state, params)
     np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-5,
                                atol=1e-7)
+
+
+def test_scaled_kl_shampoo_reads_an_empty_factor_as_isotropic():
+  """EVON's variant: on the first update (zero factors, identity bases) the statistics are
+  G Gᵀ/‖G‖² and Gᵀ G/‖G‖², not the reference's G Gᵀ/(n eps)."""
+  from evon_jax.maths.layout import tree_layouts
+  from evon_jax.transforms.refresh import kl_shampoo_statistics
+  rng = np.random.default_rng(7)
+  grad = rng.standard_normal((5, 3))
+  layout = tree_layouts({"w": jnp.zeros((5, 3))}, max_precond_dim=100,
+                        precondition_1d=False)[0]
+  zeros = (jnp.zeros((5, 5)), jnp.zeros((3, 3)))
+  eyes = (jnp.eye(5), jnp.eye(3))
+  scaled = kl_shampoo_statistics(jnp.asarray(grad, jnp.float32), layout, zeros, eyes, 1e-6,
+                                 scaled=True)
+  norm = np.sum(grad ** 2)
+  np.testing.assert_allclose(np.asarray(scaled[0]), grad @ grad.T / norm, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(scaled[1]), grad.T @ grad / norm, rtol=1e-5)
+  floored = kl_shampoo_statistics(jnp.asarray(grad, jnp.float32), layout, zeros, eyes, 1e-8)
+  np.testing.assert_allclose(np.asarray(floored[0]), grad @ grad.T / (3 * 1e-8), rtol=1e-5)
+
+
+def test_evon_with_kl_shampoo_runs_and_differs():
+  rng = np.random.default_rng(8)
+  target = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
+  loss = lambda p: 0.5 * jnp.sum((p["w"] - target) ** 2 * jnp.arange(1.0, 5.0)[None, :])
+  finals = []
+  for flag in (False, True):
+    tx = evon_jax.evon(3e-2, ess=100.0, use_kl_shampoo=flag, precondition_frequency=2)
+    params = {"w": jnp.zeros((5, 4))}
+    state = tx.init(params)
+    for _ in range(8):
+      updates, state = tx.update(jax.grad(loss)(params), state, params)
+      params = optax_apply(params, updates)
+    assert np.all(np.isfinite(np.asarray(params["w"])))
+    finals.append(np.asarray(evon_jax.posterior.bases(state)["w"][0]))
+  assert not np.allclose(np.abs(finals[0]), np.abs(finals[1]), atol=1e-3)
+
+
+def test_adaptive_criterion_per_side():
+  """Gradients U S_t V_tᵀ with a fixed U: the left factor keeps U's eigenvectors, so judged
+  per side the left basis is never refreshed after the first eigh while the right one is."""
+  rng = np.random.default_rng(9)
+  u = np.linalg.qr(rng.standard_normal((5, 5)))[0]
+  grads = [(u[:, :4] * rng.uniform(0.5, 2.0, 4)) @ np.linalg.qr(rng.standard_normal((4, 4)))[0].T
+           for _ in range(8)]
+  tx = evon_jax.eigenbasis_refresh(
+      evon_jax.eigenspace_adam(), factors=evon_jax.kronecker_factor_ema(0.9),
+      precondition_frequency=1, adaptive_tolerance=1e-4, adaptive_per_side=True)
+  params = {"w": jnp.zeros((5, 4))}
+  state = tx.init(params)
+  lefts, rights = [], []
+  for g in grads:
+    _, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    lefts.append(np.asarray(state.bases[0]["w"]))
+    rights.append(np.asarray(state.bases[1]["w"]))
+  for left in lefts[1:]:
+    np.testing.assert_array_equal(left, lefts[0])
+  assert sum(not np.array_equal(a, b) for a, b in zip(rights, rights[1:])) >= 5

@@ -300,7 +300,8 @@ def refresh(
     permuted: Sequence[jax.Array] = (),
     options: RefreshOptions = DEFAULT_OPTIONS,
 ) -> tuple[AxisBases, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-  """Refreshes a basis (`kind` in KEEP / POWER_QR / EIGH) and moves eigen-coordinate buffers.
+  """Refreshes a basis (`kind` in KEEP / POWER_QR / EIGH, for the leaf or one per side) and
+  moves eigen-coordinate buffers.
 
   `carried` are buffers held in eigen coordinates (momentum, the mean) whose parameter-space
   value must not change when the basis does. `permuted` are per-coordinate buffers that stay
@@ -317,10 +318,12 @@ def refresh(
   """
   if all(b is None for b in basis):
     return basis, tuple(carried), tuple(permuted)
+  # One kind for the leaf, or one per side (an adaptive criterion judged per side).
+  kinds = tuple(kind) if isinstance(kind, (tuple, list)) else (kind,) * len(basis)
 
   def moved(old_basis, buffers, per_coordinate):
-    sides = [None if q is None else _refresh_side(kind, f, q, options)
-             for f, q in zip(factors, old_basis)]
+    sides = [None if q is None else _refresh_side(k, f, q, options)
+             for k, f, q in zip(kinds, factors, old_basis)]
     new_basis = tuple(None if side is None else side[0] for side in sides)
     buffers = tuple(change_basis(b, old_basis, new_basis) for b in buffers)
     if options.sort:
@@ -334,7 +337,7 @@ def refresh(
       per_coordinate = tuple(reordered)
     return new_basis, buffers, tuple(per_coordinate)
 
-  due = kind != KEEP
+  due = jnp.any(jnp.stack([k != KEEP for k in kinds]))
   operands = (tuple(basis), tuple(carried), tuple(permuted))
   if not in_place:
     return jax.lax.cond(due, lambda ops: moved(*ops), lambda ops: ops, operands)

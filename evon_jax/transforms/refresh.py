@@ -72,6 +72,7 @@ class FactorSpec(protocol.Spec):
   bias_correction: bool = False
   kl_shampoo: bool = False
   kl_eps: float = 1e-8
+  kl_scaled: bool = False
 
   def init(self, params, traced, layouts=None):
     layouts = layouts or _full_layouts(params)
@@ -93,7 +94,7 @@ class FactorSpec(protocol.Spec):
     if self.kl_shampoo:
       statistic = kl_shampoo_statistics(
           replica_mean(jnp.mean(grads, axis=0), replica_axis), layout, factors, bases,
-          self.kl_eps)
+          self.kl_eps, self.kl_scaled)
     elif self.statistic == "per_sample":
       statistic = replica_mean(mean_factor_statistics(grads, layout), replica_axis)
     else:
@@ -141,7 +142,8 @@ class FactorSpec(protocol.Spec):
     return updates, KroneckerFactorState(stored)
 
 
-def kl_shampoo_statistics(grad: jax.Array, layout, factors, bases, eps: float):
+def kl_shampoo_statistics(grad: jax.Array, layout, factors, bases, eps: float,
+                          scaled: bool = False):
   r"""KL-Shampoo's factor statistics of one gradient (Lin et al., arXiv 2509.03378).
 
   Per rotated axis k: ``G_(k) (⊗_{j≠k} C_j) G_(k)ᵀ`` with
@@ -150,17 +152,31 @@ def kl_shampoo_statistics(grad: jax.Array, layout, factors, bases, eps: float):
   Q_j before this step's update) and n_j their sizes. For a matrix: ``L ← G C_R Gᵀ`` and
   ``R ← Gᵀ C_L G``, the statistics the NVIDIA reference's `use_kl_shampoo` uses. Axes without
   a basis contribute the identity.
+
+  `scaled=True` (evon_jax's variant, not the reference's): a factor that is still zero (the
+  first update) is read as the isotropic ``(‖G‖²/n_j) I`` of this gradient, and eigenvalues
+  are floored at `eps` times their mean instead of at `eps`. With the reference's rule the
+  first statistic weights G by 1/(n eps), ~10⁸ times the later ones, and the factors keep
+  the first gradient's directions (docs/composition.md).
   """
   from evon_jax.maths.eigenbasis import approximate_eigenvalues
+  batch = len(layout.batch)
+  squared_norm = jnp.sum(jnp.square(grad), axis=tuple(range(batch, grad.ndim)))
   inverses = []
   for size, factor, basis in zip(layout.axes, factors, bases):
     if basis is None:
       inverses.append(None)
       continue
-    scale = 1.0 / (size * jnp.maximum(approximate_eigenvalues(factor, basis), eps))
+    eigenvalues = approximate_eigenvalues(factor, basis)
+    if scaled:
+      empty = jnp.all(factor == 0, axis=(-2, -1))[..., None]
+      eigenvalues = jnp.where(empty, (squared_norm / size)[..., None], eigenvalues)
+      floor = eps * jnp.mean(eigenvalues, axis=-1, keepdims=True)
+    else:
+      floor = eps
+    scale = 1.0 / (size * jnp.maximum(eigenvalues, floor))
     inverses.append(jnp.matmul(basis * scale[..., None, :], jnp.matrix_transpose(basis),
                                precision=jax.lax.Precision.HIGHEST))
-  batch = len(layout.batch)
   out = []
   for k, rotated in enumerate(layout.rotated):
     if not rotated:
@@ -179,6 +195,7 @@ def kl_shampoo_statistics(grad: jax.Array, layout, factors, bases, eps: float):
 def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient",
                          regularization: float = 0.0, bias_correction: bool = False,
                          kl_shampoo: bool = False, kl_eps: float = 1e-8,
+                         kl_scaled: bool = False,
                          dtype=None) -> protocol.PieceTransformation:
   r"""EMA of the Kronecker factors: per axis k, ``L_k ← decay L_k + (1-decay) G_(k) G_(k)ᵀ``.
 
@@ -201,6 +218,8 @@ def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient
     kl_shampoo: KL-Shampoo's statistics (`kl_shampoo_statistics`): each axis's outer
       product weighted by the other axes' inverse eigenvalues in their current bases (the
       reference SOAP's `use_kl_shampoo`); `kl_eps` floors those eigenvalues.
+      `kl_scaled=True`: an empty factor reads as the gradient's isotropic scale and the
+      floor is `kl_eps` times the mean eigenvalue (see `kl_shampoo_statistics`; EVON's).
     dtype: dtype of the factors (default float32, wider if params are wider).
   """
   check.check_beta("decay", decay)
@@ -213,7 +232,7 @@ def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient
   static_hp, traced_hp = split_hyperparams(FactorHyperparams(decay, regularization))
   spec = FactorSpec(static_hp, statistic=statistic, dtype=dtype,
                     bias_correction=bool(bias_correction), kl_shampoo=bool(kl_shampoo),
-                    kl_eps=float(kl_eps))
+                    kl_eps=float(kl_eps), kl_scaled=bool(kl_scaled))
   return protocol.transformation(spec, traced_hp)
 
 
@@ -258,6 +277,7 @@ class RefreshSpec(protocol.Spec):
   timing: str = "after"
   warmup_steps: int = 0
   adaptive_tolerance: Any = None
+  adaptive_per_side: bool = False
   options: eigenbasis.RefreshOptions = eigenbasis.DEFAULT_OPTIONS
   inner_l2: float = 0.0
 
@@ -315,15 +335,25 @@ class RefreshSpec(protocol.Spec):
     else:
       scheduled = (count + self._refresh_offset(leaf_index)) % every == 0
       fresh = gates.first
-    if self.adaptive_tolerance is not None:
-      current = jnp.asarray(True)
-      for factor, basis in zip(factors, bases):
-        if basis is not None:
-          current = current & jnp.all(
-              eigenbasis.basis_is_current(factor, basis, self.adaptive_tolerance))
-      scheduled = scheduled & ~current
-    kind = jnp.where(fresh, eigenbasis.EIGH, jnp.where(scheduled, periodic, eigenbasis.KEEP))
-    return jnp.where(gates.active, kind, eigenbasis.KEEP).astype(jnp.int32)
+    def kind_of(scheduled):
+      kind = jnp.where(fresh, eigenbasis.EIGH, jnp.where(scheduled, periodic, eigenbasis.KEEP))
+      return jnp.where(gates.active, kind, eigenbasis.KEEP).astype(jnp.int32)
+
+    if self.adaptive_tolerance is None:
+      return kind_of(scheduled)
+    sides = [k for k, basis in enumerate(bases) if basis is not None]
+
+    def current(operands):
+      return jnp.stack([jnp.all(eigenbasis.basis_is_current(
+          operands[0][k], operands[1][k], self.adaptive_tolerance)) for k in sides])
+
+    # The criterion costs a product F Q per side: only on the steps it decides.
+    met = jax.lax.cond(scheduled, current, lambda _: jnp.ones(len(sides), bool),
+                       (tuple(factors), tuple(bases)))
+    if not self.adaptive_per_side:  # the reference: refresh the leaf unless all sides met it
+      return kind_of(scheduled & ~jnp.all(met))
+    per_side = dict(zip(sides, [kind_of(scheduled & ~m) for m in met]))
+    return tuple(per_side.get(k, kind_of(scheduled)) for k in range(len(bases)))
 
   def _update_leaf(self, i, record, layout, gates, count, factors, bases, eigen_buffers,
                    per_coordinate, factor_traced, replica_axis):
@@ -338,7 +368,9 @@ class RefreshSpec(protocol.Spec):
       kind = self._kind(gates, count, i, factors, bases)
     else:
       kind = self._kind(gates, count, i, factors, bases)
-      factors_on = gates.active & (gates.first | gates.factors_free | (kind != eigenbasis.KEEP))
+      kinds = kind if isinstance(kind, tuple) else (kind,)
+      refreshing = jnp.any(jnp.stack([k != eigenbasis.KEEP for k in kinds]))
+      factors_on = gates.active & (gates.first | gates.factors_free | refreshing)
       factors = self.factors.leaf_update(factors, statistic, factors_on, factor_traced,
                                          count + 1)
     carried = [as_view(x, layout) for x in eigen_buffers]
@@ -455,6 +487,7 @@ def eigenbasis_refresh(
     timing: str = "after",
     warmup_steps: int = 0,
     adaptive_tolerance=None,
+    adaptive_per_side: bool = False,
     power_iter_steps: int = 1,
     power_shift: float = eigenbasis.POWER_SHIFT,
     sort_columns: bool = False,
@@ -497,6 +530,9 @@ def eigenbasis_refresh(
     adaptive_tolerance: if set, a due periodic refresh is skipped while, on every side of the
       leaf, ‖diag(Qᵀ F Q)‖ ≥ (1 - tolerance) ‖F‖_F (the reference's
       `use_adaptive_criteria` / `adaptive_update_tolerance`; never the first basis).
+    adaptive_per_side: judge and refresh each side on its own (only the sides whose basis
+      no longer diagonalises their factor); False: the reference's rule, the whole leaf
+      unless every side meets the criterion.
     power_iter_steps: power iterations (each followed by a QR) per power-QR refresh.
     power_shift: the shift of each power iteration as a fraction of the factor's scale
       (see `eigenbasis.power_qr`; 0: the reference's plain ``qr(F Q)``).
@@ -541,6 +577,7 @@ def eigenbasis_refresh(
       merge_dims=bool(merge_dims), dtype=dtype, rotation_precision=rotation_precision,
       timing=timing, warmup_steps=int(warmup_steps),
       adaptive_tolerance=None if adaptive_tolerance is None else float(adaptive_tolerance),
+      adaptive_per_side=bool(adaptive_per_side),
       options=eigenbasis.RefreshOptions(int(power_iter_steps), float(power_shift),
                                         bool(sort_columns), qr_precision),
       inner_l2=float(inner_l2))
