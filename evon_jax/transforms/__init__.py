@@ -10,8 +10,8 @@
 from evon_jax.transforms.diagonal import (
     EigenspaceAdamState, EigenspaceIvonState, eigenspace_adam, eigenspace_ivon)
 from evon_jax.transforms.noise_injection import InjectNoiseState, inject_noise, training_samples
-from evon_jax.transforms.refresh import (
-    EigenbasisRefreshState, KroneckerFactorState, eigenbasis_refresh, kronecker_factor_ema)
+from evon_jax.transforms.factors import KroneckerFactorState, kronecker_factor_ema
+from evon_jax.transforms.refresh import EigenbasisRefreshState, eigenbasis_refresh
 
 __all__ = [
     "EigenbasisRefreshState", "EigenspaceAdamState", "EigenspaceIvonState", "InjectNoiseState",
