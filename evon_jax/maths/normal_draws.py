@@ -14,7 +14,7 @@ times faster, stateless and shards like any elementwise op. `'threefry'` is
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +39,17 @@ def stream_seeds(key: jax.Array) -> jax.Array:
   return jax.random.bits(key, (2,), jnp.uint32)
 
 
-def _hash_bits(seeds: jax.Array, stream: int, shape) -> jax.Array:
-  """Keyed hash of the element index; `stream` (e.g. a leaf's index) picks an independent
-  sequence by hashing it into the seeds, so many leaves share one threefry call."""
-  s0 = _fmix32(seeds[0] ^ jnp.uint32((_GOLDEN * (stream + 1)) & 0xFFFFFFFF))
-  s1 = _fmix32(seeds[1] + jnp.uint32(stream & 0xFFFFFFFF))
+def _hash_bits(seeds: jax.Array, streams: Sequence[int], shape) -> jax.Array:
+  """Keyed hash of the element index, (len(streams), *shape); stream s (e.g. a leaf's
+  index) picks an independent sequence by hashing s into the seeds, so many leaves share
+  one threefry call. The streams are data, not constants: one computation serves them all."""
+  stream = jnp.asarray(streams, jnp.uint32)
+  # uint32 arithmetic wraps: (GOLDEN * (s + 1)) mod 2^32.
+  s0 = _fmix32(seeds[0] ^ (jnp.uint32(_GOLDEN) * (stream + jnp.uint32(1))))
+  s1 = _fmix32(seeds[1] + stream)
   index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-  return _fmix32(_fmix32(index ^ s0) + s1)
+  column = (len(streams),) + (1,) * len(shape)
+  return _fmix32(_fmix32(index[None] ^ s0.reshape(column)) + s1.reshape(column))
 
 
 def _bits_to_normal(bits: jax.Array) -> jax.Array:
@@ -66,4 +70,25 @@ def standard_normal(key: jax.Array, shape, dtype=jnp.float32,
 def standard_normal_from_seeds(seeds: jax.Array, stream: int, shape,
                                dtype=jnp.float32) -> jax.Array:
   """'hash' draws of stream `stream` under `stream_seeds(key)`: independent across streams."""
-  return _bits_to_normal(_hash_bits(seeds, stream, tuple(shape))).astype(dtype)
+  return _bits_to_normal(_hash_bits(seeds, [stream], tuple(shape))[0]).astype(dtype)
+
+
+def standard_normals_from_seeds(seeds: jax.Array, requests: Sequence) -> list:
+  """Many draws of one key: `requests[i]` is (stream, shape, dtype) or None (no draw).
+
+  Equal to `standard_normal_from_seeds` per request; requests of one shape and dtype are
+  drawn as one (k, *shape) array. XLA compiles a computation per distinct draw, so a model
+  whose layers repeat shapes (a transformer's blocks) pays for one draw per shape, not one
+  per leaf; the draws are materialised either way (their consumers are rotations).
+  """
+  groups: dict = {}
+  for position, request in enumerate(requests):
+    if request is not None:
+      stream, shape, dtype = request
+      groups.setdefault((tuple(shape), jnp.dtype(dtype)), []).append((position, stream))
+  out: list = [None] * len(requests)
+  for (shape, dtype), members in groups.items():
+    block = _bits_to_normal(_hash_bits(seeds, [s for _, s in members], shape)).astype(dtype)
+    for row, (position, _) in enumerate(members):
+      out[position] = block[row]
+  return out

@@ -72,10 +72,12 @@ def sample_seeds(key, num_samples: int, first=0) -> list[jax.Array]:
   return [noise.stream_seeds(jax.random.fold_in(key, first + s)) for s in range(num_samples)]
 
 
-def standard_normal(seeds, leaf_index: int, shape, dtype):
-  """The draw z of one sample and leaf, reproducible from (key, sample, leaf). Drawn by flat
-  element index, so a leaf's draw is the same in its own shape and in any Kronecker view."""
-  return noise.standard_normal_from_seeds(seeds, leaf_index, shape, dtype)
+def standard_normals(seeds, requests) -> list:
+  """The draws z of one sample, per leaf reproducible from (key, sample, leaf):
+  `requests[i]` is (leaf_index, shape, dtype) or None. Drawn by flat element index, so a
+  leaf's draw is the same in its own shape and in any Kronecker view; leaves of one shape
+  share one computation (compile time grows with the number of shapes, not of leaves)."""
+  return noise.standard_normals_from_seeds(seeds, requests)
 
 
 # ----------------------------------------------------------------------------- replicas

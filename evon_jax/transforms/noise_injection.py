@@ -18,7 +18,7 @@ from evon_jax.readout.bubble import records as bubble_records
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     all_finite, as_typed_key, check_tree, leaf_names, replica_mean, sample_seeds,
-    standard_normal)
+    standard_normals)
 
 
 class InjectNoiseState(NamedTuple):
@@ -163,13 +163,16 @@ class NoiseSpec(protocol.Spec):
       seeds = [sample_seeds(key, 1, self.first_sample(1))[0] for key in keys]
     else:  # all k samples of one call, from one key
       seeds = sample_seeds(keys[0], self.mc_samples, self.first_sample(self.mc_samples))
+    requests = [None if stack is None else (i, jnp.shape(param), stack.dtype)
+                for i, (stack, param) in enumerate(zip(stacks, jax.tree.leaves(params)))]
+    draws = [standard_normals(s, requests) for s in seeds]
     leaves = []
     for i, (stack, param, record) in enumerate(zip(stacks, jax.tree.leaves(params), records)):
       if stack is None:
         leaves.append(None)
         continue
       dtype = stack.dtype
-      normals = jnp.stack([standard_normal(s, i, param.shape, dtype) for s in seeds])
+      normals = jnp.stack([per_sample[i] for per_sample in draws])
       normals = normals * noise_scale.astype(dtype)
       if self.drop_in and stack.shape[0] == 1:  # the loop holds the sample itself
         thetas = jnp.asarray(param).astype(dtype)[None]
@@ -227,14 +230,16 @@ class NoiseSpec(protocol.Spec):
   def _next_sample(self, records, params, key, noise_scale, moved):
     """Updates that move the loop's params to the next sample (drop-in) or to the mean."""
     seeds = sample_seeds(key, 1, self.first_sample(1))[0]
+    normals = standard_normals(seeds, [
+        None if record is None or not self.drop_in else (i, jnp.shape(param), record.mean.dtype)
+        for i, (record, param) in enumerate(zip(records, jax.tree.leaves(params)))])
     updates = []
-    for i, (record, param) in enumerate(zip(records, jax.tree.leaves(params))):
+    for record, param, normal in zip(records, jax.tree.leaves(params), normals):
       param = jnp.asarray(param)
       if record is None:
         updates.append(jnp.zeros_like(param))
         continue
       if self.drop_in:
-        normal = standard_normal(seeds, i, param.shape, record.mean.dtype)
         target = protocol.draw(record, normal, noise_scale.astype(normal.dtype),
                                self.precision)
       else:
@@ -327,13 +332,15 @@ def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
   seeds = sample_seeds(state.key, num_samples, first)
   means = state.bubble().mean
   treedef = jax.tree.structure(means)
+  records = _records(state)
+  requests = [None if record is None else (i, record.mean.shape, record.mean.dtype)
+              for i, record in enumerate(records)]
+  draws = [standard_normals(s, requests) for s in seeds]
   out = []
-  for i, (record, mean) in enumerate(zip(_records(state),
-                                         treedef.flatten_up_to(means))):
+  for i, (record, mean) in enumerate(zip(records, treedef.flatten_up_to(means))):
     if record is None:
       out.append(jnp.broadcast_to(mean, (num_samples,) + jnp.shape(mean)))
       continue
-    normals = jnp.stack([standard_normal(s, i, record.mean.shape, record.mean.dtype)
-                         for s in seeds])
+    normals = jnp.stack([per_sample[i] for per_sample in draws])
     out.append(protocol.draw(record, normals, state.noise_scale.astype(normals.dtype)))
   return treedef.unflatten(out)
