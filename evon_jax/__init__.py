@@ -21,7 +21,7 @@ import sys as _sys
 # posteriors: Laplace, low-rank, mean-field, VIKING).
 from evon_jax.maths import eigenbasis, kronecker, whitening
 from evon_jax.maths import ivon_update, normal_draws
-from evon_jax.readout import bubble, metrics, plots, posterior, predictive
+from evon_jax.readout import bubble, merging, metrics, plots, posterior, predictive, pruning
 from evon_jax import transforms
 from evon_jax.transforms import (
     eigenbasis_refresh, eigenspace_adam, eigenspace_ivon, inject_noise, kronecker_factor_ema)
@@ -66,7 +66,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EvonState", "IVON_STATIC_ARGS", "SOAP_STATIC_ARGS", "SoapBubble",
     "ScaleBySoapState", "STATIC_ARGS", "checkpoint", "metrics", "noise", "predictive",
-    "eigenbasis", "eigenbasis_refresh", "eigenspace_adam", "eigenspace_ivon", "evon",
+    "eigenbasis", "eigenbasis_refresh", "merging", "pruning", "eigenspace_adam", "eigenspace_ivon", "evon",
     "inject_noise", "kronecker_factor_ema", "transforms", "ivon", "ivon_step", "kronecker", "laplace", "lowrank", "matrix_view",
     "meanfield",
     "posterior", "clip_update_rms", "scale_by_reference_soap", "scale_by_soap", "viking",
