@@ -100,11 +100,9 @@ def default_configs(n: int) -> dict:
   }
 
 
-def run(make_tx, train, test, seed):
-  (x, y), (x_test, y_test) = train, test
-  classes = int(max(int(y.max()), int(y_test.max())) + 1)
-  params = init_mlp(jax.random.key(seed), [x.shape[1], HIDDEN, HIDDEN, classes])
-  tx = make_tx()
+def train_mlp(tx, params, x, y, steps: int, seed: int):
+  """`steps` minibatch steps (batch `BATCH`, or all rows when fewer) of cross-entropy under
+  one jitted scan; minibatches drawn from `jax.random.key(seed)`. Returns (params, state)."""
   batch = min(BATCH, x.shape[0])
 
   def loss(p, xb, yb):
@@ -117,7 +115,15 @@ def run(make_tx, train, test, seed):
     return (optax.apply_updates(p, updates), s), None
 
   (params, state), _ = jax.jit(lambda p, k: jax.lax.scan(
-      step, (p, tx.init(p)), jax.random.split(k, STEPS)))(params, jax.random.key(seed + 1))
+      step, (p, tx.init(p)), jax.random.split(k, steps)))(params, jax.random.key(seed))
+  return params, state
+
+
+def run(make_tx, train, test, seed):
+  (x, y), (x_test, y_test) = train, test
+  classes = int(max(int(y.max()), int(y_test.max())) + 1)
+  params = init_mlp(jax.random.key(seed), [x.shape[1], HIDDEN, HIDDEN, classes])
+  params, state = train_mlp(make_tx(), params, x, y, STEPS, seed + 1)
   try:
     probs = predictive.bayesian_model_average(seed, mlp, state, x_test, SAMPLES)
   except ValueError:  # AdamW: no posterior

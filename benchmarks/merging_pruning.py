@@ -37,10 +37,10 @@ import numpy as np
 import optax
 
 import evon_jax
-from benchmarks.hyperparameters import init_mlp, mlp, split
+from benchmarks.hyperparameters import init_mlp, mlp, split, train_mlp as train
 from evon_jax import merging, metrics, posterior, pruning
 
-HIDDEN, BATCH = 64, 32
+HIDDEN = 64
 TASKS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 
@@ -48,24 +48,6 @@ SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 def _digits():
   from sklearn import datasets as sk
   return sk.load_digits(return_X_y=True)
-
-
-def train(tx, params, x, y, steps, seed):
-  """`steps` minibatch steps of cross-entropy; returns (params, optimizer state)."""
-  batch = min(BATCH, x.shape[0])
-
-  def loss(p, xb, yb):
-    return optax.softmax_cross_entropy_with_integer_labels(mlp(p, xb), yb).mean()
-
-  def step(carry, key):
-    p, s = carry
-    idx = jax.random.choice(key, x.shape[0], (batch,), replace=False)
-    updates, s = tx.update(jax.grad(loss)(p, x[idx], y[idx]), s, p)
-    return (optax.apply_updates(p, updates), s), None
-
-  (params, state), _ = jax.jit(lambda p, k: jax.lax.scan(
-      step, (p, tx.init(p)), jax.random.split(k, steps)))(params, jax.random.key(seed))
-  return params, state
 
 
 def _scores(params, x, y):
