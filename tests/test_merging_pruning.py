@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import evon_jax
@@ -159,6 +160,33 @@ def test_task_arithmetic_and_merge_validation():
   other = posterior.bubble(evon_jax.ivon(1e-2, ess=1.0).init({"v": jnp.zeros(2)}))
   with pytest.raises(ValueError, match="same model"):
     merging.merge([bubbles[0], other])
+
+
+def test_merge_under_partition_fills_unowned_leaves_from_params():
+  """Leaves another optimizer owns are MaskedNode in the merge (no posterior to weight
+  them) unless `params` supplies them; the owned leaves are the merge of their bubbles."""
+  params = {"dense": jnp.full((4, 3), 0.1), "emb": jnp.ones((5, 2))}
+  labels = {"dense": "evon", "emb": "adam"}
+  tx = optax.partition({"evon": evon_jax.evon(1e-2, ess=10.0), "adam": optax.adam(1e-2)},
+                       labels)
+  first = tx.init(params)
+  _, second = tx.update(jax.tree.map(jnp.ones_like, params), first, params)
+  merged = merging.merge([first, second])
+  assert isinstance(merged.params["emb"], optax.MaskedNode)
+  filled = merging.merge([first, second], params=params).params
+  np.testing.assert_array_equal(filled["emb"], params["emb"])
+  thetas, precisions = [], []
+  for state in (first, second):  # the owned leaf against a dense solve
+    bubble = posterior.bubble(state)
+    q_left, q_right = (np.eye(n) if q is None else np.asarray(q, np.float64)
+                       for q, n in zip(posterior.bases(bubble)["dense"], (4, 3)))
+    rotation = np.kron(q_left, q_right)
+    p = float(bubble.ess) * (np.ravel(np.asarray(bubble.hessian["dense"], np.float64))
+                             + float(bubble.weight_decay))
+    precisions.append(rotation @ np.diag(p) @ rotation.T)
+    thetas.append(np.ravel(np.asarray(posterior.mean(bubble)["dense"], np.float64)))
+  expected = np.linalg.solve(sum(precisions), sum(p @ t for p, t in zip(precisions, thetas)))
+  np.testing.assert_allclose(np.ravel(filled["dense"]), expected, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- pruning

@@ -127,7 +127,8 @@ def _dot(a: list, b: list):
 
 
 def merge(posteriors: Sequence, weights: Optional[Sequence[float]] = None, *,
-          diagonal: bool = False, tol: float = 1e-6, maxiter: int = 500) -> MergeResult:
+          diagonal: bool = False, tol: float = 1e-6, maxiter: int = 500,
+          params=None) -> MergeResult:
   r"""Merges K posteriors into the mean of their (weighted) product.
 
   ``θ = (Σ_k λ_k P_k)⁻¹ Σ_k λ_k P_k θ_k`` with θ_k each posterior's mean and P_k its
@@ -140,6 +141,9 @@ def merge(posteriors: Sequence, weights: Optional[Sequence[float]] = None, *,
     diagonal: use only each precision's diagonal in parameter coordinates (a diagonal
       posterior's merge, for comparison); closed form, no solve.
     tol, maxiter: the conjugate-gradient solve's relative tolerance and iteration cap.
+    params: under `optax.partition` / `masked` the leaves no posterior owns come back as
+      `optax.MaskedNode`; pass a params tree to take those leaves from it instead (e.g.
+      `task_arithmetic` of the fine-tuned models, for leaves another optimizer trained).
 
   Returns:
     `MergeResult(params, relative_residual)`. Frozen (integer) leaves are taken from the
@@ -183,7 +187,8 @@ def merge(posteriors: Sequence, weights: Optional[Sequence[float]] = None, *,
   out = list(means[0])
   for i, x in zip(trainable, solution):
     out[i] = x
-  return MergeResult(treedef.unflatten(out), relative)
+  return MergeResult(posterior._fill_masked(treedef.unflatten(out), params, lambda p: p),
+                     relative)
 
 
 def task_arithmetic(base, finetuned: Sequence, scale: float = 1.0) -> Any:
