@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg
 
-from evon_jax.maths.kronecker import rotate_in, rotate_out
+from evon_jax.maths.kronecker import rotate_in
 from evon_jax.maths.layout import as_view, from_view
 from evon_jax.readout import posterior
 
@@ -62,23 +62,16 @@ def _leaves(opt_state):
                    for layout, m, v, q in posterior._per_leaf(state)]
 
 
-def _to_param_space(layout, eigen, bases):
-  return from_view(rotate_out(as_view(eigen, layout), bases, _EXACT), layout)
-
-
-def _to_eigen_space(layout, x, bases):
-  return from_view(rotate_in(as_view(x, layout), bases, _EXACT), layout)
-
-
 def _apply_precision(leaf, x):
   layout, _, precision, bases = leaf
-  x = jnp.asarray(x, precision.dtype)
-  return _to_param_space(layout, precision * _to_eigen_space(layout, x, bases), bases)
+  eigen = from_view(rotate_in(as_view(jnp.asarray(x, precision.dtype), layout), bases,
+                              _EXACT), layout)
+  return posterior.to_parameters(layout, precision * eigen, bases)
 
 
 def _diagonal(leaf):
   layout, _, precision, bases = leaf
-  return _to_param_space(layout, precision, jax.tree.map(jnp.square, bases))
+  return posterior.to_parameters(layout, precision, jax.tree.map(jnp.square, bases))
 
 
 def precision_times(opt_state, tree) -> Any:
@@ -158,22 +151,22 @@ def merge(posteriors: Sequence, weights: Optional[Sequence[float]] = None, *,
   """
   bubbles = [posterior.bubble(p) for p in posteriors]
   weights = _check_inputs(bubbles, weights)
-  treedef, first_leaves = _leaves(bubbles[0])
+  treedef = jax.tree.structure(bubbles[0].mean)
   per_model = [_leaves(b)[1] for b in bubbles]
   means = [treedef.flatten_up_to(posterior.mean(b)) for b in bubbles]
-  trainable = [i for i, leaf in enumerate(first_leaves) if leaf[0] is not None]
+  trainable = [i for i, leaf in enumerate(per_model[0]) if leaf[0] is not None]
   # The system on the trainable leaves (a list: one pytree for CG), block diagonal over them.
-  diagonal_sum = [sum(w * _diagonal(leaves[i]) for leaves, w in zip(per_model, weights))
-                  for i in trainable]
+  diagonals = [{i: w * _diagonal(leaves[i]) for i in trainable}
+               for leaves, w in zip(per_model, weights)]  # λ_k diag P_k
+  diagonal_sum = [sum(d[i] for d in diagonals) for i in trainable]
 
   def operator(x: list) -> list:
     return [sum(w * _apply_precision(leaves[i], xi) for leaves, w in zip(per_model, weights))
             for i, xi in zip(trainable, x)]
 
   # The diagonal merge: exact for diagonal posteriors, the solve's start otherwise.
-  start = [_safe_divide(sum(w * _diagonal(leaves[i]) * m[i]
-                            for leaves, m, w in zip(per_model, means, weights)), d)
-           for i, d in zip(trainable, diagonal_sum)]
+  start = [_safe_divide(sum(d[i] * m[i] for d, m in zip(diagonals, means)), total)
+           for i, total in zip(trainable, diagonal_sum)]
   if diagonal:
     solution, relative = start, jnp.zeros([], jnp.float32)
   else:

@@ -161,6 +161,12 @@ def _variance(ess, weight_decay, hessian):
   return (1.0 / (ess * (hessian + weight_decay))).astype(hessian.dtype)
 
 
+def to_parameters(layout: LeafLayout, eigen, bases: AxisBases):
+  """A leaf's eigen-coordinate array in parameter coordinates: E ×₁ Q₁ ×₂ Q₂ … (full
+  float32 products), in the leaf's own shape."""
+  return from_view(rotate_out(as_view(eigen, layout), bases, _EXACT), layout)
+
+
 def _fill_masked(tree, params, fill):
   """Leaves the EVON state does not own (`optax.MaskedNode` under `partition`/`masked`)
   replaced by `fill(param)`; `tree` unchanged when `params` is None."""
@@ -184,8 +190,7 @@ def mean(opt_state, params=None) -> Any:
   state = bubble(opt_state)
   out = _map_leaves(
       state,
-      lambda layout, m, h, q: from_view(
-          rotate_out(as_view(m, layout), q, _EXACT), layout),
+      lambda layout, m, h, q: to_parameters(layout, m, q),
       lambda m: m)
   return _fill_masked(out, params, lambda p: p)
 
@@ -263,8 +268,7 @@ def marginal_stddev(opt_state, params=None) -> Any:
   state = bubble(opt_state)
 
   def stddev(layout, m, v, q):
-    variance = rotate_out(as_view(v, layout), _squared(q), _EXACT)
-    return from_view(jnp.sqrt(variance), layout)
+    return jnp.sqrt(to_parameters(layout, v, _squared(q)))
 
   out = _map_leaves(state, stddev, lambda m: jnp.zeros(m.shape, jnp.float32))
   return _fill_masked(out, params, lambda p: jnp.zeros(jnp.shape(p), jnp.float32))

@@ -17,11 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from evon_jax.maths.kronecker import rotate_out
-from evon_jax.maths.layout import as_view, from_view
 from evon_jax.readout import posterior
-
-_EXACT = jax.lax.Precision.HIGHEST
 
 __all__ = ["signal_to_noise", "magnitude", "prune", "prune_eigen_mean", "weight_matrices"]
 
@@ -137,11 +133,4 @@ def prune_eigen_mean(opt_state, sparsity: float, *, scope: str = "global",
   state = posterior.bubble(opt_state)
   kept, _ = prune(state.mean, signal_to_noise(state, "eigen"), sparsity, scope=scope,
                   include=include)
-  treedef = jax.tree.structure(state.mean)
-  out = []
-  for (layout, m, _, q), pruned in zip(posterior._per_leaf(state), treedef.flatten_up_to(kept)):
-    if layout is None:
-      out.append(m)
-      continue
-    out.append(from_view(rotate_out(as_view(pruned, layout), q, _EXACT), layout))
-  return treedef.unflatten(out)
+  return posterior.mean(state._replace(mean=kept))
