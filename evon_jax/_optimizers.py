@@ -10,7 +10,8 @@ import optax
 
 from evon_jax import _validation as check
 from evon_jax.transforms import (
-    eigenbasis_refresh, eigenspace_ivon, inject_noise, kronecker_factor_ema)
+    eigenbasis_refresh, eigenspace_ivon, inject_noise, kronecker_factor_ema, _prior)
+from evon_jax.transforms.diagonal import default_weight_decay
 
 
 def _dtype_or_none(dtype):
@@ -35,7 +36,7 @@ def evon(
     b2: float = 0.9999,
     shampoo_b: Optional[float] = None,
     eps: float = 1e-10,
-    weight_decay: float = 1e-4,
+    weight_decay: Optional[float] = None,
     precondition_frequency: int = 10,
     max_precond_dim: int = 10000,
     precondition_1d: bool = False,
@@ -62,6 +63,7 @@ def evon(
     power_iter_steps: int = 1,
     adaptive_update_tolerance: Optional[float] = None,
     use_kl_shampoo: bool = False,
+    prior=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenspace Variational Online Newton: IVON in SOAP's eigenbasis (a SOAP-Bubble).
 
@@ -94,7 +96,8 @@ def evon(
     shampoo_b: Kronecker-factor EMA decay (default: b2; tuned runs use 0.995).
     eps: added to H + weight_decay in the update's denominator.
     weight_decay: prior precision per example δ (prior N(0, 1/(ess δ) I)); default 1e-4
-      (IVON's; the authors' EVON used 1e-6, an almost flat prior on small data).
+      (IVON's; the authors' EVON used 1e-6, an almost flat prior on small data), or 0 when
+      a `prior` is given.
     precondition_frequency: real steps between basis refreshes (static): an int, or a
       schedule ``step -> int`` of the traced step (write it with `jnp`).
     max_precond_dim: an axis longer than this keeps the identity basis (static).
@@ -164,6 +167,13 @@ def evon(
       outer product weighted by the other side's inverse eigenvalues (`kl_shampoo_statistics`
       with `scaled=True`: the first update reads the empty factors as the gradient's
       isotropic scale, the eigenvalues are floored at 1e-6 of their mean).
+    prior: a Gaussian prior N(m₀, P₀⁻¹) given as a `SoapBubble` or an EVON/IVON state —
+      typically the posterior of the previous task (continual learning): initialise at its
+      mean, ``tx.init(evon_jax.posterior.mean(previous))``, and set `ess` to the new
+      task's size. P₀ enters the step exactly through its gradient and, per coordinate of
+      the current basis, through diag(Qᵀ P₀ Q)/ess where the isotropic prior has δ (see
+      `eigenspace_ivon`; with `factor_gradient='regularized'` the factors take the
+      gradient of the whole regularised objective). `weight_decay` then defaults to 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -201,6 +211,9 @@ def evon(
   check.check_dimension_numbers(dimension_numbers, merge_dims)
   if hess_init is None:
     hess_init = 0.1 if whiten else 1.0
+  if prior is not None:
+    prior = _prior.as_bubble(prior)
+  weight_decay = default_weight_decay(weight_decay, prior)
   regularization = weight_decay if factor_gradient == "regularized" else 0.0
   return inject_noise(
       eigenbasis_refresh(
@@ -209,10 +222,11 @@ def evon(
               weight_decay=weight_decay, hess_clip_ratio=hess_clip_ratio,
               clip_radius=clip_radius, whiten=whiten, hessian_baseline=hessian_baseline,
               dtype=dtype,
-              momentum_dtype=_dtype_or_none(momentum_dtype)),
+              momentum_dtype=_dtype_or_none(momentum_dtype), prior=prior),
           factors=kronecker_factor_ema(b2 if shampoo_b is None else shampoo_b,
                                        statistic=factor_statistic,
                                        regularization=regularization,
+                                       prior_gradient=factor_gradient == "regularized",
                                        kl_shampoo=bool(use_kl_shampoo), kl_eps=1e-6,
                                        kl_scaled=True, dtype=dtype),
           precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
@@ -232,7 +246,7 @@ def ivon(
     hess_init: float = 1.0,
     b1: float = 0.9,
     b2: float = 0.99999,
-    weight_decay: float = 1e-4,
+    weight_decay: Optional[float] = None,
     clip_radius: float = math.inf,
     rescale_lr: bool = True,
     hessian_baseline: Optional[str] = "momentum",
@@ -243,6 +257,7 @@ def ivon(
     momentum_dtype=None,
     axis_name=None,
     replica_noise: str = "shared",
+    prior=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""IVON (Improved Variational Online Newton): a diagonal Gaussian posterior.
 
@@ -253,7 +268,9 @@ def ivon(
   ``μ ← μ - lr' clip((m/(1-b1ᵗ) + δ μ)/(h + δ), clip_radius)`` with
   ``lr' = lr (hess_init + δ)`` when ``rescale_lr``. Posterior ``N(μ, 1/(ess (h + δ)))``.
   Drop-in and explicit modes, ``mc_samples``, ``key``, ``dtype``, ``momentum_dtype``,
-  ``axis_name`` and ``replica_noise`` behave as in `evon`.
+  ``axis_name``, ``replica_noise`` and ``prior`` behave as in `evon` (``weight_decay``:
+  1e-4, or 0 with a `prior`). With a structured prior (an EVON posterior) IVON keeps its
+  diagonal Gaussian: the prior's exact gradient, and its diagonal diag(P₀)/ess per entry.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, evon_jax
@@ -272,6 +289,6 @@ def ivon(
           learning_rate, ess=ess, hess_init=hess_init, b1=b1, b2=b2, eps=0.0,
           weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
           hessian_baseline=hessian_baseline, dtype=dtype,
-          momentum_dtype=_dtype_or_none(momentum_dtype)),
+          momentum_dtype=_dtype_or_none(momentum_dtype), prior=prior),
       key=key, mc_samples=mc_samples, drop_in=drop_in, axis_name=axis_name,
       replica_noise=replica_noise)

@@ -50,6 +50,12 @@ def ivon_hessian_update(hessian, estimate, b2, weight_decay, one_minus_b2=None):
   return b2 * hessian + take * estimate + correction
 
 
-def ivon_direction(momentum, bias_correction, mean, hessian, weight_decay, eps):
-  """Natural-gradient direction with the coupled prior: (m̂ + delta M) / (H + delta + eps)."""
-  return (momentum / bias_correction + weight_decay * mean) / (hessian + weight_decay + eps)
+def ivon_direction(momentum, bias_correction, mean, hessian, weight_decay, eps,
+                   prior_gradient=None):
+  """Natural-gradient direction with the coupled prior: (m̂ + delta M) / (H + delta + eps).
+
+  A structured prior passes its own gradient per example (`maths.prior.leaf_terms`) as
+  `prior_gradient` and its per-coordinate precision as `weight_decay`."""
+  if prior_gradient is None:
+    prior_gradient = weight_decay * mean
+  return (momentum / bias_correction + prior_gradient) / (hessian + weight_decay + eps)

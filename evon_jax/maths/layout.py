@@ -196,6 +196,12 @@ def tree_layouts(tree, *, max_precond_dim: int, precondition_1d: bool,
   return layouts
 
 
+def diagonal_layouts(tree) -> list[LeafLayout]:
+  """Layouts of a diagonal method used without a refresh around it: each leaf as itself,
+  no bases (the matrix view of whitening merges all dims but the last)."""
+  return tree_layouts(tree, max_precond_dim=0, precondition_1d=False, use_bases=False)
+
+
 def stacked_dims_of(path, leaf, stacked_dims) -> int:
   """The number of stacked dims of one leaf: `stacked_dims` is an int for every leaf, or a
   callable `(path, leaf) -> int` (path as in `jax.tree_util.tree_flatten_with_path`)."""

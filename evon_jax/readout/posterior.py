@@ -24,8 +24,9 @@ from evon_jax.transforms._common import as_typed_key
 from evon_jax.readout.bubble import (
     SoapBubble, combine, draw, per_leaf_scalar, records as bubble_records)
 from evon_jax.maths.kronecker import AxisBases, per_leaf, rotate_out, storage_to_bases, stored_layouts_of
+from evon_jax.maths import prior as prior_maths
 from evon_jax.transforms import (
-    EigenbasisRefreshState, EigenspaceIvonState, InjectNoiseState)
+    EigenbasisRefreshState, EigenspaceIvonState, InjectNoiseState, _prior)
 
 # Posterior read-outs are off the training hot path: always use full float32 matmuls (the
 # default precision is TF32/bf16 on GPUs and TPUs, which would blur covariances and means).
@@ -33,7 +34,7 @@ _EXACT = jax.lax.Precision.HIGHEST
 
 __all__ = [
     "mean", "sample", "sample_deviation", "marginal_stddev", "covariance", "entropy",
-    "kl_to_prior", "bases", "variance_eigen", "find_evon_state", "bubble", "SoapBubble",
+    "kl_to_prior", "kl", "prior", "bases", "variance_eigen", "find_evon_state", "bubble", "SoapBubble",
     "tempered",
 ]
 
@@ -320,19 +321,87 @@ def entropy(opt_state) -> jax.Array:
               for v in _trainable_variances(state)), jnp.zeros([], jnp.float32))
 
 
+def prior(opt_state) -> SoapBubble:
+  """The prior an optimizer state regularises towards, as a `SoapBubble`.
+
+  Without a structured prior: N(0, 1/(ess δ) I) per leaf (each group's own ess and δ in a
+  combined bubble). With `evon(..., prior=p)`: N(m₀, P₀⁻¹) of `p`, multiplied by the
+  isotropic N(0, 1/(ess δ)) when the run's `weight_decay` δ is not 0 — still diagonal in
+  the prior's bases Q₀: precision ``π = ess₀ (H₀ + δ₀) + ess δ``, mean ``(ess₀ (H₀+δ₀)/π) ⊙
+  m₀°``. The bubble has ess 1 and δ 0, so its `hessian` is that total precision per eigen
+  coordinate; every read-out takes it (`sample`, `marginal_stddev`, `kl`).
+  """
+  ivon_states = [] if isinstance(opt_state, SoapBubble) else [
+      node for node in jax.tree.leaves(
+          opt_state, is_leaf=lambda x: isinstance(x, EigenspaceIvonState))
+      if isinstance(node, EigenspaceIvonState)]
+  structured = [s for s in ivon_states if s.prior is not None]
+  if structured:
+    if len(ivon_states) > 1:
+      raise ValueError("prior: several EVON/IVON states, one with a structured prior; "
+                       "pass the state of one optimizer.")
+    return _structured_prior(structured[0])
+  state = bubble(opt_state)
+  if any(jnp.ndim(x) for x in jax.tree.leaves(state.weight_decay)):
+    raise ValueError("This bubble's δ is per coordinate (it was read from a run with a "
+                     "structured prior): pass that optimizer's state to prior / kl_to_prior.")
+  treedef = jax.tree.structure(state.mean)
+  means, hessians = [], []
+  for m, h, (ess, weight_decay) in zip(treedef.flatten_up_to(state.mean),
+                                       treedef.flatten_up_to(state.hessian),
+                                       _leaf_scalars(state)):
+    trainable = jnp.shape(h) == jnp.shape(m)
+    means.append(jnp.zeros_like(m) if trainable else m)
+    hessians.append(jnp.full(jnp.shape(m), ess * weight_decay, h.dtype) if trainable else h)
+  return SoapBubble(treedef.unflatten(means), treedef.unflatten(hessians), (), (),
+                    jnp.ones([], jnp.float32), jnp.zeros([], jnp.float32))
+
+
+def _structured_prior(ivon_state) -> SoapBubble:
+  p = ivon_state.prior
+  isotropic = ivon_state.ess * ivon_state.weight_decay
+  treedef = jax.tree.structure(p.mean)
+
+  def total(precision, mean):
+    if jnp.shape(precision) != jnp.shape(mean):  # frozen leaf: its placeholder
+      return precision, mean
+    combined = precision + isotropic.astype(precision.dtype)
+    return combined, (precision / combined * mean).astype(mean.dtype)
+
+  pairs = [total(pr, m) for pr, m in zip(treedef.flatten_up_to(p.precision),
+                                        treedef.flatten_up_to(p.mean))]
+  return SoapBubble(treedef.unflatten([m for _, m in pairs]),
+                    treedef.unflatten([pr for pr, _ in pairs]), (), p.bases,
+                    jnp.ones([], jnp.float32), jnp.zeros([], jnp.float32))
+
+
+def kl(q, p) -> jax.Array:
+  """KL(q ‖ p) between two Gaussians over the same parameters, each a `SoapBubble` or a
+  state holding one (their bases may differ; a leaf's axes must agree where both rotate).
+
+  Per leaf, with q = N(M°, diag V) in its bases Q and p = N(m_p°, diag(1/π)) in its bases
+  Q_p, T = Qᵀ Q_p: ``½ [Σ ((T∘T) π) ⊙ V + Σ π (Tᵀ M° − m_p°)² − n − Σ log π − Σ log V]``
+  (`maths.prior.leaf_kl`), summed over trainable leaves.
+  """
+  q, p = bubble(q), bubble(p)
+  treedef = jax.tree.structure(q.mean)
+  layouts = stored_layouts(q)
+  priors = prior_maths.leaf_priors(_prior.prior_state(p, q.mean, layouts), layouts, treedef)
+  total = jnp.zeros([], jnp.float32)
+  for (layout, m, v, basis), leaf_prior in zip(_per_leaf(q), priors):
+    if layout is not None:
+      total = total + prior_maths.leaf_kl(m, v, basis, leaf_prior)
+  return total
+
+
 def kl_to_prior(opt_state) -> jax.Array:
-  """KL(q ‖ p) to the prior p = N(0, 1/(ess δ) I) over all trainable entries.
+  """KL(q ‖ p) of the posterior to the prior the optimizer regularises towards (`prior`):
+  N(0, 1/(ess δ) I), or the structured prior of `evon(..., prior=...)`.
 
   With s² = 1/(ess δ): ½ Σ [V/s² + M²/s² - 1 + log s² - log V]; ‖M‖ is basis independent.
   A combined bubble (several groups) uses each leaf's own ess δ.
-  With weight_decay = 0 the prior is improper and the KL is infinite.
+  With weight_decay = 0 and no structured prior the prior is improper and the KL is infinite.
+  A bubble read from a run with a structured prior (e.g. `tempered(state, T)`) does not
+  carry that prior: use ``kl(tempered(state, T), prior(state))``.
   """
-  state = bubble(opt_state)
-  total = jnp.zeros([], jnp.float32)
-  for (layout, m, v, _), (ess, weight_decay) in zip(_per_leaf(state), _leaf_scalars(state)):
-    if layout is None:
-      continue
-    prior_precision = ess * weight_decay
-    total = total + 0.5 * jnp.sum(
-        prior_precision * (v + m * m) - 1.0 - jnp.log(prior_precision) - jnp.log(v))
-  return total
+  return kl(bubble(opt_state), prior(opt_state))

@@ -1,4 +1,5 @@
-"""The diagonal methods in eigen coordinates: IVON (a Gaussian posterior) and Adam.
+"""The diagonal methods in eigen coordinates: IVON (a Gaussian posterior) here, Adam in
+`transforms.adam`.
 
 Given the gradients rotated into an eigenbasis (by `eigenbasis_refresh`), or plain gradients
 (identity basis), each keeps its buffers in those coordinates and returns the move of its
@@ -13,21 +14,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from evon_jax.maths import ivon_update as ivon_step, whitening
+from evon_jax.maths import ivon_update as ivon_step, prior as prior_maths, whitening
+from evon_jax.maths.kronecker import stored_layouts_of, storage_to_bases
 from evon_jax.readout.bubble import SoapBubble
 from evon_jax.maths.gates import ema_coefficients, scale_if
-from evon_jax.maths.layout import as_view, from_view, state_dtype, tree_layouts
+from evon_jax.maths.layout import (
+    as_view, diagonal_layouts as _diagonal_layouts, from_view, state_dtype)
 from evon_jax import _validation as check
-from evon_jax.transforms import _protocol as protocol
+from evon_jax.transforms import _protocol as protocol, _prior
 from evon_jax.transforms._common import (
     frozen_placeholder, join_hyperparams, replica_mean, split_hyperparams, widest_float,
     zero_unless)
-
-
-def _diagonal_layouts(tree):
-  """Without a refresh around it a diagonal method sees each leaf as itself (the matrix view
-  of whitening merges all dims but the last)."""
-  return tree_layouts(tree, max_precond_dim=0, precondition_1d=False, use_bases=False)
 
 
 # ----------------------------------------------------------------------------- IVON
@@ -54,7 +51,9 @@ class EigenspaceIvonState(NamedTuple):
     momentum: gradient momentum Ḡ.
     hessian: diagonal Hessian estimate H.
     ess: effective sample size of the last call (read by the posterior).
-    weight_decay: prior precision per example δ of the last call.
+    weight_decay: the isotropic prior precision per example δ of the last call.
+    prior: the structured prior N(m₀, P₀⁻¹) (`eigenspace_ivon(prior=...)`, a
+      `maths.prior.PriorState` in the prior's own eigen coordinates), or None.
   """
 
   count: jax.Array
@@ -63,10 +62,34 @@ class EigenspaceIvonState(NamedTuple):
   hessian: Any
   ess: jax.Array
   weight_decay: jax.Array
+  prior: Any = None
 
-  def bubble(self) -> SoapBubble:
-    """The posterior, without bases (the coordinates it was handed in)."""
-    return SoapBubble(self.mean, self.hessian, (), (), self.ess, self.weight_decay)
+  def bubble(self, bases: tuple = ()) -> SoapBubble:
+    """The posterior in the coordinates it was handed: `bases` (stored per axis slot, as
+    `eigenbasis_refresh` keeps them), or () for the parameters' own.
+
+    Without a structured prior its δ is the scalar weight decay; with one, δ is per
+    coordinate: ``diag(Qᵀ P₀ Q)/ess + weight_decay`` in these bases (`maths.prior`)."""
+    weight_decay = self.weight_decay
+    if self.prior is not None:
+      weight_decay = self._prior_precision(bases)
+    return SoapBubble(self.mean, self.hessian, (), bases, self.ess, weight_decay)
+
+  def _prior_precision(self, bases: tuple):
+    treedef = jax.tree.structure(self.mean)
+    means = treedef.flatten_up_to(self.mean)
+    layouts = stored_layouts_of(means, bases, treedef)
+    priors = prior_maths.leaf_priors(self.prior, layouts, treedef)
+    out = []
+    for mean, hessian, layout, q, prior in zip(
+        means, treedef.flatten_up_to(self.hessian), layouts,
+        storage_to_bases(bases, treedef, layouts), priors):
+      if prior is None:
+        out.append(self.weight_decay)
+        continue
+      d = prior_maths.leaf_precision(q, prior, self.ess.astype(hessian.dtype), mean.shape)
+      out.append((d + self.weight_decay).astype(hessian.dtype))
+    return treedef.unflatten(out)
 
 # The buffers `eigenbasis_refresh` re-expresses when the basis changes (a NamedTuple cannot
 # declare a class attribute in its body).
@@ -87,9 +110,17 @@ class IvonSpec(protocol.Spec):
   hessian_baseline: Any = "momentum"
   dtype: Any = None
   momentum_dtype: Any = None
+  has_prior: bool = False
+  # The prior's arrays, read by `init` only (the state keeps them from then on): left out
+  # of the spec's hash and equality, so a new prior of the same shapes compiles nothing new.
+  prior: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
   def hyperparams(self, traced) -> IvonHyperparams:
     return join_hyperparams(IvonHyperparams, self.static_hp, traced)
+
+  def prior_leaves(self, state, layouts, treedef) -> list:
+    """Per leaf the structured prior in the view of `layouts` (None without one)."""
+    return prior_maths.leaf_priors(state.prior, layouts, treedef)
 
   def init(self, params, traced, layouts=None):
     hp = self.hyperparams(traced)
@@ -108,11 +139,14 @@ class IvonSpec(protocol.Spec):
       means.append(jnp.array(leaf, dtype=dtype, copy=True))
       momenta.append(jnp.zeros(leaf.shape, self.momentum_dtype or dtype))
       hessians.append(jnp.full(leaf.shape, hp.hess_init, dtype))
+    params = treedef.unflatten(leaves)
     return EigenspaceIvonState(
         count=jnp.zeros([], jnp.int32), mean=treedef.unflatten(means),
         momentum=treedef.unflatten(momenta), hessian=treedef.unflatten(hessians),
         ess=jnp.asarray(hp.ess, widest_float()),
-        weight_decay=jnp.asarray(hp.weight_decay, widest_float()))
+        weight_decay=jnp.asarray(hp.weight_decay, widest_float()),
+        prior=_prior.prior_state(self.prior, params, layouts, self.dtype)
+        if self.has_prior else None)
 
   def _learning_rate(self, hp, t):
     lr = hp.learning_rate(t - 1) if callable(hp.learning_rate) else hp.learning_rate
@@ -120,8 +154,20 @@ class IvonSpec(protocol.Spec):
       lr = lr * (hp.hess_init + hp.weight_decay)
     return lr
 
-  def _leaf(self, record, mean, momentum, hessian, layout, hp, gates, lr, t, replica_axis):
+  def _prior_terms(self, mean, record, prior, hp):
+    """(δ, the prior's gradient) per example in these coordinates: the isotropic δ and δ M°,
+    plus a structured prior's diag(Qᵀ P₀ Q)/ess and Qᵀ P₀ (M − m₀)/ess (`maths.prior`)."""
+    precision, gradient = hp.weight_decay, hp.weight_decay * mean
+    if prior is None:
+      return precision, gradient
+    diagonal, structured = prior_maths.leaf_terms(mean, getattr(record, "bases", ()), prior,
+                                                  hp.ess)
+    return diagonal + precision, structured + gradient
+
+  def _leaf(self, record, mean, momentum, hessian, layout, hp, gates, lr, t, replica_axis,
+            prior=None):
     """One leaf's IVON step; every buffer gated by scalar coefficients (see `maths.gates`)."""
+    prior_precision, prior_gradient = self._prior_terms(mean, record, prior, hp)
     grad = jnp.mean(record.grads, axis=0)
     normal_times_grad = jnp.mean(record.normals * record.grads, axis=0)
     if self.hessian_baseline == "momentum":
@@ -135,14 +181,15 @@ class IvonSpec(protocol.Spec):
     b1_keep, b1_take = ema_coefficients(hp.b1, moments_on)
     b2_keep, b2_take = ema_coefficients(hp.b2, moments_on & gates.noisy)
     estimate = ivon_step.price_hessian_estimate(
-        normal_times_grad, hessian, hp.ess, hp.weight_decay)
+        normal_times_grad, hessian, hp.ess, prior_precision)
     if self.clip_hessian:
       estimate = ivon_step.clip_hessian_estimate(estimate, hessian, hp.hess_clip_ratio, hp.eps)
     new_hessian = ivon_step.ivon_hessian_update(
-        hessian, estimate, b2_keep, hp.weight_decay, one_minus_b2=b2_take)
+        hessian, estimate, b2_keep, prior_precision, one_minus_b2=b2_take)
     new_momentum = b1_keep * momentum + b1_take * grad
     direction = ivon_step.ivon_direction(
-        new_momentum, 1 - hp.b1 ** t, mean, new_hessian, hp.weight_decay, hp.eps)
+        new_momentum, 1 - hp.b1 ** t, mean, new_hessian, prior_precision, hp.eps,
+        prior_gradient=prior_gradient)
     if self.clip_update:
       direction = jnp.clip(direction, -hp.clip_radius, hp.clip_radius)
     if self.whiten:
@@ -159,9 +206,10 @@ class IvonSpec(protocol.Spec):
     t = state.count + 1
     lr = self._learning_rate(hp, t)
     outs, means, momenta, hessians = [], [], [], []
-    for record, layout, mean, momentum, hessian in zip(
+    priors = self.prior_leaves(state, message.layouts, treedef)
+    for record, layout, mean, momentum, hessian, prior in zip(
         message.leaves, message.layouts, *protocol.fields(state, ("mean", "momentum", "hessian"),
-                                                  treedef)):
+                                                  treedef), priors):
       if record is None:
         outs.append(None), means.append(mean), momenta.append(momentum)
         hessians.append(hessian)
@@ -169,7 +217,7 @@ class IvonSpec(protocol.Spec):
       view = lambda x: as_view(x, layout)
       move, mean, momentum, hessian = self._leaf(
           record, view(mean), view(momentum), view(hessian), layout, hp, gates, lr, t,
-          message.replica_axis)
+          message.replica_axis, prior)
       outs.append(move)
       means.append(from_view(mean, layout)), momenta.append(from_view(momentum, layout))
       hessians.append(from_view(hessian, layout))
@@ -178,7 +226,7 @@ class IvonSpec(protocol.Spec):
         count=state.count + moved.astype(state.count.dtype), mean=treedef.unflatten(means),
         momentum=treedef.unflatten(momenta), hessian=treedef.unflatten(hessians),
         ess=jnp.asarray(hp.ess, widest_float()),
-        weight_decay=jnp.asarray(hp.weight_decay, widest_float()))
+        weight_decay=jnp.asarray(hp.weight_decay, widest_float()), prior=state.prior)
     return protocol.outputs(outs, updates, message.layouts, plain), new_state
 
 
@@ -190,7 +238,7 @@ def eigenspace_ivon(
     b1: float = 0.95,
     b2: float = 0.9999,
     eps: float = 1e-10,
-    weight_decay: float = 1e-4,
+    weight_decay=None,
     hess_clip_ratio=None,
     clip_radius: float = float("inf"),
     whiten: bool = False,
@@ -198,6 +246,7 @@ def eigenspace_ivon(
     hessian_baseline="momentum",
     dtype=None,
     momentum_dtype=None,
+    prior=None,
 ) -> protocol.PieceTransformation:
   r"""IVON's update of a diagonal Gaussian, in whatever coordinates it is handed.
 
@@ -220,7 +269,8 @@ def eigenspace_ivon(
     hess_init: initial H (default 1.0).
     b1, b2: momentum and Hessian decay.
     eps: added to the denominator of the direction.
-    weight_decay: δ, the prior precision per example.
+    weight_decay: δ, the isotropic prior precision per example (prior N(0, 1/(ess δ) I));
+      default 1e-4, or 0 with a `prior` (which then is the whole prior).
     hess_clip_ratio: if set, ĥ is clipped to ±ratio (H + eps).
     clip_radius: elementwise clipping of the direction (inf: none).
     whiten: Newton–Schulz-whiten the direction of matrix leaves (L2 for vectors).
@@ -232,6 +282,17 @@ def eigenspace_ivon(
       ``½(1-b2)²(H-ĥ)²/(H+δ)`` to inflate H until the step stalls. None: the reference's
       estimate ``mean_s(z_s G_s) sqrt(ess (H+δ))``.
     dtype, momentum_dtype: dtypes of the statistics and of the momentum (see `evon`).
+    prior: a Gaussian prior N(m₀, P₀⁻¹) given as a `SoapBubble` (or an EVON/IVON state,
+      whose posterior it takes), e.g. the posterior of the previous task:
+      ``P₀ = Q₀ diag(ess₀ (H₀ + δ₀)) Q₀ᵀ``, ``m₀ = Q₀ m₀°`` in its own bases Q₀. It enters
+      the step exactly through its gradient, ``(Ḡ/(1-b1ᵗ) + Qᵀ P₀ (M − m₀)/ess + δ M°)``
+      in the numerator, and through its diagonal in the current basis,
+      ``δ° = diag(Qᵀ P₀ Q)/ess + δ``, wherever the isotropic case has δ (the denominator,
+      the Price estimate, H's update and the posterior ``1/(ess (H + δ°))``): exact when Q
+      diagonalises the whole posterior precision, and ``ess₀ (H₀+δ₀)/ess`` when Q = Q₀
+      (docs/algorithm.md, "A structured prior"). A non-zero `weight_decay` multiplies in
+      the isotropic prior as well. The prior's arrays are copied into the state at `init`;
+      its axes must match this run's (or either side have no bases).
 
   Returns:
     An optax transformation (`PieceTransformation`) whose update is the move of the mean.
@@ -242,6 +303,9 @@ def eigenspace_ivon(
   check.check_beta("b1", b1)
   check.check_beta("b2", b2)
   check.check_non_negative("eps", eps)
+  if prior is not None:
+    prior = _prior.as_bubble(prior)
+  weight_decay = default_weight_decay(weight_decay, prior)
   check.check_non_negative("weight_decay", weight_decay)
   if hess_clip_ratio is not None:
     check.check_positive("hess_clip_ratio", hess_clip_ratio)
@@ -255,144 +319,19 @@ def eigenspace_ivon(
   clip_update = not (isinstance(clip_radius, (int, float)) and clip_radius == float("inf"))
   spec = IvonSpec(static_hp, whiten=bool(whiten), rescale_lr=bool(rescale_lr),
                   clip_hessian=hess_clip_ratio is not None, clip_update=clip_update,
-                  hessian_baseline=hessian_baseline, dtype=dtype, momentum_dtype=momentum_dtype)
+                  hessian_baseline=hessian_baseline, dtype=dtype, momentum_dtype=momentum_dtype,
+                  has_prior=prior is not None, prior=prior)
   return protocol.transformation(spec, traced_hp)
 
 
-# ----------------------------------------------------------------------------- Adam
+def default_weight_decay(weight_decay, prior):
+  """δ when not given: 1e-4 (IVON's) without a structured prior, 0 with one (the prior is
+  then the whole prior; adding δ would count the first task's prior again)."""
+  if weight_decay is not None:
+    return weight_decay
+  return 0.0 if prior is not None else 1e-4
 
 
-class AdamHyperparams(NamedTuple):
-  b1: Any
-  b2: Any
-  eps: Any
-  relative_eps: Any
-
-
-class EigenspaceAdamState(NamedTuple):
-  """State of `eigenspace_adam`.
-
-  Attributes:
-    count: steps taken.
-    mu: first moment (in the coordinates the piece is handed).
-    nu: second moment (left in place when the basis changes, as SOAP does).
-  """
-
-  count: jax.Array
-  mu: Any
-  nu: Any
-
-
-EigenspaceAdamState.eigen_fields = ("mu",)
-EigenspaceAdamState.sorted_fields = ("nu",)
-
-
-@dataclasses.dataclass(frozen=True)
-class AdamSpec(protocol.Spec):
-  diagonal = True
-  static_hp: tuple
-  dtype: Any = None
-  relative: bool = False
-  correct_bias: bool = True
-  eps_after_correction: bool = False
-  nesterov: bool = False
-
-  def direction(self, new_mu, new_nu, grad, b1, b2, t, floor, moves):
-    """Adam's direction from the new moments (this step's `grad` for nesterov); zero
-    unless `moves`."""
-    if self.correct_bias:
-      correction1, correction2 = 1 - b1 ** t, 1 - b2 ** t
-    else:
-      correction1 = correction2 = 1.0
-    if not (self.nesterov or self.eps_after_correction):
-      # SOAP's form: one scalar √(1-b2ᵗ)/(1-b1ᵗ) times mu / (√nu + eps).
-      scale = scale_if(jnp.sqrt(correction2) / correction1, moves)
-      return scale * new_mu / (jnp.sqrt(new_nu) + floor)
-    if self.nesterov:
-      # m̂ = b1 mu/(1-b1^(t+1)) + (1-b1) g/(1-b1ᵗ): the look-ahead momentum.
-      ahead = 1 - b1 ** (t + 1) if self.correct_bias else 1.0
-      momentum = b1 * new_mu / ahead + (1 - b1) * grad / correction1
-    else:
-      momentum = new_mu / correction1
-    if self.eps_after_correction:  # eps added to the corrected root (optax.adam's form)
-      direction = momentum / (jnp.sqrt(new_nu / correction2) + floor)
-    else:
-      direction = jnp.sqrt(correction2) * momentum / (jnp.sqrt(new_nu) + floor)
-    return scale_if(1.0, moves).astype(direction.dtype) * direction
-
-  def init(self, params, traced, layouts=None):
-    leaves, treedef = jax.tree.flatten(params)
-    layouts = layouts or _diagonal_layouts(params)
-    zeros = lambda: treedef.unflatten([  # mu and nu: two buffers, never one aliased twice
-        jnp.zeros(layout.shape if layout.trainable else (),
-                  state_dtype(jnp.result_type(leaf), self.dtype))
-        for leaf, layout in zip(leaves, layouts)])
-    return EigenspaceAdamState(jnp.zeros([], jnp.int32), zeros(), zeros())
-
-  def apply(self, updates, state, params, traced):
-    b1, b2, eps, relative_eps = join_hyperparams(tuple, self.static_hp, traced)
-    message, plain = protocol.as_message(updates, params, _diagonal_layouts, state.mu)
-    gates = message.gates
-    moves = gates.active & ~gates.first
-    b1_keep, b1_take = ema_coefficients(b1, moves)
-    b2_keep, b2_take = ema_coefficients(b2, moves)
-    t = state.count + 1
-    treedef = jax.tree.structure(state.mu)
-    outs, mus, nus = [], [], []
-    for record, layout, mu, nu in zip(message.leaves, message.layouts,
-                                      *protocol.fields(state, ("mu", "nu"), treedef)):
-      if record is None:
-        outs.append(None), mus.append(mu), nus.append(nu)
-        continue
-      grad = zero_unless(gates.active,
-                         replica_mean(jnp.mean(record.grads, axis=0), message.replica_axis))
-      mu_view, nu_view = as_view(mu, layout), as_view(nu, layout)
-      new_mu = (b1_keep * mu_view + b1_take * grad).astype(mu.dtype)
-      new_nu = (b2_keep * nu_view + b2_take * grad * grad).astype(nu.dtype)
-      # On the first call mu = nu = 0: the +1 keeps 0 / 0 out even with eps = 0.
-      floor = eps + gates.first.astype(nu.dtype)
-      if self.relative:
-        floor = floor + relative_eps * jnp.sqrt(jnp.mean(new_nu))
-      outs.append(self.direction(new_mu, new_nu, grad, b1, b2, t, floor, moves))
-      mus.append(from_view(new_mu, layout)), nus.append(from_view(new_nu, layout))
-    new_state = EigenspaceAdamState(state.count + moves.astype(state.count.dtype),
-                                    treedef.unflatten(mus), treedef.unflatten(nus))
-    return protocol.outputs(outs, updates, message.layouts, plain), new_state
-
-
-def eigenspace_adam(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8, *,
-                    relative_eps: float = 0.0, correct_bias: bool = True,
-                    eps_after_correction: bool = False, nesterov: bool = False,
-                    dtype=None) -> protocol.PieceTransformation:
-  r"""Adam in whatever coordinates it is handed (SOAP inside `eigenbasis_refresh`).
-
-  ``mu ← b1 mu + (1-b1) G``, ``nu ← b2 nu + (1-b2) G²``, and the direction
-  ``√(1-b2ᵗ)/(1-b1ᵗ) · mu / (√nu + eps + relative_eps · rms(√nu))`` (eps added to the
-  uncorrected √nu, as SOAP does; rms over the leaf). The first call of a composition only
-  initialises (a zero direction). Chain a learning rate after it
-  (`optax.scale_by_learning_rate`).
-
-  `relative_eps` (default 0, the reference's absolute eps only): in an eigenbasis, the
-  coordinates of a rank-deficient factor's null space get gradients that are float noise
-  (1e-7 of the leaf's scale), and Adam's per-coordinate normalisation turns that noise into
-  full-size steps whenever it exceeds `eps`: a 1e-7 change of the inputs then moves SOAP's
-  weights by ~0.05 in 12 steps (`benchmarks/sensitivity.py`). A floor proportional to the
-  leaf's own scale damps exactly those coordinates, whatever the loss's units: 1e-2 brings
-  that to 4-8e-4 and 3e-2 to 1.5-2.9e-4 (benchmarks/results/sensitivity.md).
-
-  The NVIDIA reference SOAP's inner-Adam options: `correct_bias=False` drops both bias
-  corrections; `eps_after_correction=True` adds eps to the corrected root,
-  ``(mu/(1-b1ᵗ)) / (√(nu/(1-b2ᵗ)) + eps)``; `nesterov=True` uses the look-ahead momentum
-  ``b1 mu/(1-b1^(t+1)) + (1-b1) G/(1-b1ᵗ)`` (without the corrections when `correct_bias`
-  is False).
-  """
-  check.check_beta("b1", b1)
-  check.check_beta("b2", b2)
-  check.check_non_negative("eps", eps)
-  check.check_non_negative("relative_eps", relative_eps)
-  static_hp, traced_hp = split_hyperparams(AdamHyperparams(b1, b2, eps, relative_eps))
-  relative = not (isinstance(relative_eps, (int, float)) and relative_eps == 0)
-  return protocol.transformation(
-      AdamSpec(static_hp, dtype=dtype, relative=relative, correct_bias=bool(correct_bias),
-               eps_after_correction=bool(eps_after_correction), nesterov=bool(nesterov)),
-      traced_hp)
+# Adam, the other diagonal method, lives in its own module (re-exported here).
+from evon_jax.transforms.adam import (  # noqa: E402,F401
+    AdamHyperparams, AdamSpec, EigenspaceAdamState, eigenspace_adam)

@@ -66,6 +66,7 @@ class FactorSpec(protocol.Spec):
   kl_shampoo: bool = False
   kl_eps: float = 1e-8
   kl_scaled: bool = False
+  prior_gradient: bool = False
 
   def init(self, params, traced, layouts=None):
     layouts = layouts or _full_layouts(params)
@@ -188,7 +189,7 @@ def kl_shampoo_statistics(grad: jax.Array, layout, factors, bases, eps: float,
 def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient",
                          regularization: float = 0.0, bias_correction: bool = False,
                          kl_shampoo: bool = False, kl_eps: float = 1e-8,
-                         kl_scaled: bool = False,
+                         kl_scaled: bool = False, prior_gradient: bool = False,
                          dtype=None) -> protocol.PieceTransformation:
   r"""EMA of the Kronecker factors: per axis k, ``L_k ← decay L_k + (1-decay) G_(k) G_(k)ᵀ``.
 
@@ -213,6 +214,10 @@ def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient
       reference SOAP's `use_kl_shampoo`); `kl_eps` floors those eigenvalues.
       `kl_scaled=True`: an empty factor reads as the gradient's isotropic scale and the
       floor is `kl_eps` times the mean eigenvalue (see `kl_shampoo_statistics`; EVON's).
+    prior_gradient: add the structured prior's gradient ``P₀ (θ − m₀)/ess`` at the sampled
+      points to the statistics' gradient, when the `eigenspace_ivon` this refresh wraps
+      has a `prior` (EVON's `factor_gradient='regularized'`; with `regularization` δ the
+      whole regularised gradient ``G + P₀ (θ − m₀)/ess + δ θ``). No effect without one.
     dtype: dtype of the factors (default float32, wider if params are wider).
   """
   check.check_beta("decay", decay)
@@ -225,5 +230,6 @@ def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient
   static_hp, traced_hp = split_hyperparams(FactorHyperparams(decay, regularization))
   spec = FactorSpec(static_hp, statistic=statistic, dtype=dtype,
                     bias_correction=bool(bias_correction), kl_shampoo=bool(kl_shampoo),
-                    kl_eps=float(kl_eps), kl_scaled=bool(kl_scaled))
+                    kl_eps=float(kl_eps), kl_scaled=bool(kl_scaled),
+                    prior_gradient=bool(prior_gradient))
   return protocol.transformation(spec, traced_hp)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from evon_jax.maths import eigenbasis
+from evon_jax.maths import eigenbasis, prior as prior_maths
 from evon_jax.maths.layout import as_view, from_view, tree_layouts
 from evon_jax.maths.kronecker import (
     bases_to_storage, empty_bases, num_slots, rotate_in, rotate_out, storage_to_bases)
@@ -45,7 +45,7 @@ class EigenbasisRefreshState(NamedTuple):
 
   def bubble(self):
     """The inner's posterior, in these bases."""
-    return self.inner.bubble()._replace(factors=self.factors.factors, bases=self.bases)
+    return self.inner.bubble(self.bases)._replace(factors=self.factors.factors)
 
 @dataclasses.dataclass(frozen=True)
 class RefreshSpec(protocol.Spec):
@@ -144,8 +144,12 @@ class RefreshSpec(protocol.Spec):
     return tuple(per_side.get(k, kind_of(scheduled)) for k in range(len(bases)))
 
   def _update_leaf(self, i, record, layout, gates, count, factors, bases, eigen_buffers,
-                   per_coordinate, factor_traced, replica_axis):
+                   per_coordinate, factor_traced, replica_axis, prior=None):
     """Factor statistics and EMA, then the refresh when due, for one leaf."""
+    if prior is not None:  # the structured prior's part of the regularised gradient
+      leaf_prior, ess = prior
+      record = record._replace(
+          grads=record.grads + prior_maths.leaf_gradient_at(record.thetas, leaf_prior, ess))
     statistic = self.factors.leaf_statistic(record, layout, factor_traced, gates.active,
                                             replica_axis, factors, bases)
     if self.timing == "before":
@@ -176,8 +180,18 @@ class RefreshSpec(protocol.Spec):
     return (names, protocol.fields(inner_state, names, treedef), sorted_names,
             protocol.fields(inner_state, sorted_names, treedef))
 
+  def _factor_priors(self, inner_state, inner_traced, layouts, treedef, plain):
+    """Per leaf (prior, ess) when the factors take the gradient of the regularised objective
+    and the inner keeps a structured prior (`kronecker_factor_ema(prior_gradient=True)`);
+    else None. A plain gradient tree carries no sampled points, so none is added there."""
+    if plain or not self.factors.prior_gradient or getattr(inner_state, "prior", None) is None:
+      return [None] * len(layouts)
+    ess = self.inner.hyperparams(inner_traced).ess
+    return [None if p is None else (p, ess)
+            for p in self.inner.prior_leaves(inner_state, layouts, treedef)]
+
   def _refresh_all(self, message, gates, count, inner_state, factors, bases, treedef,
-                   factor_traced):
+                   factor_traced, priors):
     """Every leaf's factor update and refresh; the inner state with its buffers moved."""
     names, buffers, sorted_names, per_coordinate = self._inner_buffers(inner_state, treedef)
     for i, (record, layout) in enumerate(zip(message.leaves, message.layouts)):
@@ -186,7 +200,7 @@ class RefreshSpec(protocol.Spec):
       factors[i], bases[i], carried, permuted = self._update_leaf(
           i, record, layout, gates, count, factors[i], bases[i],
           [column[i] for column in buffers], [column[i] for column in per_coordinate],
-          factor_traced, message.replica_axis)
+          factor_traced, message.replica_axis, priors[i])
       for column, value in zip(buffers + per_coordinate, carried + permuted):
         column[i] = value
     return inner_state._replace(**{
@@ -206,7 +220,7 @@ class RefreshSpec(protocol.Spec):
       grads = rec.grads
       if self.inner_l2:  # L2 on the inner's gradient only (the factors took the plain one)
         grads = grads + self.inner_l2 * as_view(theta, layout).astype(grads.dtype)[None]
-      eigen.append(protocol.EigenGradients(self._rotate_in(grads, q, plain), rec.normals))
+      eigen.append(protocol.EigenGradients(self._rotate_in(grads, q, plain), rec.normals, q))
     inner_out, inner_state = self.inner.apply(
         protocol.Message(eigen, gates, message.layouts, message.replica_axis), inner_state,
         params, inner_traced)
@@ -230,11 +244,12 @@ class RefreshSpec(protocol.Spec):
     layouts = message.layouts
     bases = storage_to_bases(state.bases, treedef, layouts)
     factors = storage_to_bases(state.factors.factors, treedef, layouts)
+    priors = self._factor_priors(state.inner, inner_traced, layouts, treedef, plain)
     if self.timing == "before":
       # The reference SOAP's order: factors and bases first, then the step in the new basis
       # (the first call is a step too).
       inner_state = self._refresh_all(message, message.gates, state.count, state.inner,
-                                      factors, bases, treedef, factor_traced)
+                                      factors, bases, treedef, factor_traced, priors)
       outs, inner_state = self._inner_step(message, message.gates, bases, inner_state,
                                            params, inner_traced, plain, treedef)
     else:
@@ -243,7 +258,7 @@ class RefreshSpec(protocol.Spec):
       outs, inner_state = self._inner_step(message, gates, bases, state.inner, params,
                                            inner_traced, plain, treedef)
       inner_state = self._refresh_all(message, gates, state.count, inner_state, factors,
-                                      bases, treedef, factor_traced)
+                                      bases, treedef, factor_traced, priors)
 
     dtypes = _stored_dtypes(state.bases, reference, self.dtype)
     slots = len(state.bases)
