@@ -120,12 +120,34 @@ def ivon_hessian_update(hess, hess_hat, b2, weight_decay):
           + 0.5 * (1 - b2) ** 2 * (hess - hess_hat) ** 2 / (hess + weight_decay))
 
 
+class DensePrior:
+  """A Gaussian prior N(m₀, P₀⁻¹) on one leaf, dense: P₀ acts on the row-major vec of the
+  leaf (any view of it), m₀ has the leaf's shape. Per example (÷ ess) it adds the gradient
+  P₀ (θ − m₀)/ess and, in an orthonormal basis K (columns: basis vectors of the vec), the
+  per-coordinate precision diag(Kᵀ P₀ K)/ess."""
+
+  def __init__(self, mean, precision, ess):
+    self.mean = np.asarray(mean, np.float64)
+    self.precision = np.asarray(precision, np.float64)
+    self.ess = ess
+
+  def gradient(self, theta):
+    theta = np.asarray(theta, np.float64)
+    flat = self.precision @ (theta.reshape(-1) - self.mean.reshape(-1)) / self.ess
+    return flat.reshape(theta.shape)
+
+  def diagonal(self, basis, shape):
+    return (np.einsum('ij,ik,kj->j', basis, self.precision, basis) / self.ess).reshape(shape)
+
+
 class IvonReference:
   """Diagonal IVON (mc_samples=1) on one leaf; the step counter is per object."""
 
   def __init__(self, mean, *, learning_rate, ess, hess_init, b1, b2, weight_decay,
-               clip_radius=np.inf, rescale_lr=True, hessian_baseline='momentum'):
+               clip_radius=np.inf, rescale_lr=True, hessian_baseline='momentum',
+               prior=None):
     self.baseline = hessian_baseline
+    self.prior = prior  # a DensePrior, or None
     self.mean = np.array(mean, dtype=np.float64)
     self.momentum = np.zeros_like(self.mean)
     self.hess = np.full_like(self.mean, hess_init)
@@ -139,12 +161,15 @@ class IvonReference:
     grad = np.asarray(grad, np.float64)
     noise = np.asarray(noise, np.float64)
     self.t += 1
+    delta, prior_grad = self.wd, self.wd * self.mean
+    if self.prior is not None:  # identity basis: diag(P₀)/ess per entry
+      delta = delta + self.prior.diagonal(np.eye(self.mean.size), self.mean.shape)
+      prior_grad = prior_grad + self.prior.gradient(self.mean)
     baseline = hessian_baseline(self.momentum, self.b1, self.t, self.baseline)
-    hess_hat = noise * (grad - baseline) * self.ess * (self.hess + self.wd)
+    hess_hat = noise * (grad - baseline) * self.ess * (self.hess + delta)
     self.momentum = self.b1 * self.momentum + (1 - self.b1) * grad
-    self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, self.wd)
-    update = (self.momentum / (1 - self.b1 ** self.t) + self.wd * self.mean) / (
-        self.hess + self.wd)
+    self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, delta)
+    update = (self.momentum / (1 - self.b1 ** self.t) + prior_grad) / (self.hess + delta)
     update = np.clip(update, -self.clip_radius, self.clip_radius)
     self.mean = self.mean - self.lr * update
 
@@ -181,6 +206,10 @@ class _Eigenbases:
 
   def rotate_out(self, x):
     return self.q_left @ x @ self.q_right.T
+
+  def dense_basis(self):
+    """Q_L ⊗ Q_R: maps the row-major vec of eigen coordinates to that of the matrix."""
+    return np.kron(self.q_left, self.q_right)
 
   def init_from(self, g):
     """First call: factors (1 - b) g g^T, g^T g and their eigenbases."""
@@ -246,6 +275,12 @@ class _AxisEigenbases:
       x = self._mode(x, q, k)
     return x
 
+  def dense_basis(self):
+    out = np.ones((1, 1))
+    for q in self.q:
+      out = np.kron(out, q)
+    return out
+
   @staticmethod
   def _gram(g, k):
     unfolded = np.moveaxis(g, k, 0).reshape(g.shape[k], -1)
@@ -290,9 +325,11 @@ class EvonReference:
                eps=1e-10, weight_decay=1e-4, precondition_frequency=10,
                max_precond_dim=10000, precondition_1d=False, hess_clip_ratio=None,
                whiten=False, refresh_method='power_qr', view='matrix',
-               factor_gradient='regularized', hessian_baseline='momentum'):
+               factor_gradient='regularized', hessian_baseline='momentum', prior=None):
     mean = np.asarray(mean, np.float64)
     self.baseline = hessian_baseline
+    self.prior = prior  # a DensePrior, or None
+    self.prior_in_factors = prior is not None and factor_gradient == 'regularized'
     self.factor_regularization = weight_decay if factor_gradient == 'regularized' else 0.0
     self.bases = _BASES[view](
         mean.shape, shampoo_b=b2 if shampoo_b is None else shampoo_b,
@@ -314,11 +351,27 @@ class EvonReference:
   def momentum_parameter_space(self):
     return self.bases.from_matrix(self.bases.rotate_out(self.momentum))
 
+  def _prior_gradient(self, theta_matrix):
+    """P₀ (θ − m₀)/ess in the matrix view (0 without a prior)."""
+    if self.prior is None:
+      return np.zeros_like(theta_matrix)
+    return self.bases.as_matrix(self.prior.gradient(self.bases.from_matrix(theta_matrix)))
+
+  def _factor_gradient(self, g, theta):
+    """The factors' gradient at the point θ: g + δ θ (+ P₀ (θ − m₀)/ess with a prior)."""
+    out = g + self.factor_regularization * theta
+    return out + self._prior_gradient(theta) if self.prior_in_factors else out
+
   def first_call(self, grad):
     """Call 0: gradient at the mean initialises the factors and bases; no mean update."""
-    self.bases.init_from(
-        self.bases.as_matrix(grad) + self.factor_regularization * self.mean_matrix)
+    self.bases.init_from(self._factor_gradient(self.bases.as_matrix(grad), self.mean_matrix))
     self.initialised = True
+
+  def delta(self):
+    """δ per eigen coordinate: the weight decay, plus diag(Kᵀ P₀ K)/ess with a prior."""
+    if self.prior is None:
+      return self.wd
+    return self.wd + self.prior.diagonal(self.bases.dense_basis(), self.mean_matrix.shape)
 
   def step(self, grad, noise):
     """One real step from gradients at mean + noise (noise in parameter space).
@@ -334,20 +387,22 @@ class EvonReference:
     g = np.mean([bases.as_matrix(x) for x in grads], axis=0)
     g_eig = np.mean(grads_eig, axis=0)
     mean_noise = np.mean([bases.as_matrix(x) for x in noises], axis=0)
-    factor_grad = g + self.factor_regularization * (self.mean_matrix + mean_noise)
+    factor_grad = self._factor_gradient(g, self.mean_matrix + mean_noise)
+    delta = self.delta()
+    prior_grad = self.wd * self.mean_matrix + self._prior_gradient(self.mean_matrix)
     self.t += 1
     baseline = hessian_baseline(self.momentum, self.b1, self.t, self.baseline)
     hess_hat = np.mean([e * (x - baseline) for e, x in zip(noises_eig, grads_eig)], axis=0) * (
-        self.ess * (self.hess + self.wd))
+        self.ess * (self.hess + delta))
     self.clipped = 0  # number of entries of ĥ the clip changed this step
     if self.hess_clip_ratio is not None:
       bound = self.hess_clip_ratio * (self.hess + self.eps)
       self.clipped = int(np.sum(np.abs(hess_hat) > bound))
       hess_hat = np.clip(hess_hat, -bound, bound)
     self.momentum = self.b1 * self.momentum + (1 - self.b1) * g_eig
-    self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, self.wd)
+    self.hess = ivon_hessian_update(self.hess, hess_hat, self.b2, delta)
     update_eig = (self.momentum / (1 - self.b1 ** self.t)
-                  + self.wd * bases.rotate_in(self.mean_matrix)) / (self.hess + self.wd + self.eps)
+                  + bases.rotate_in(prior_grad)) / (self.hess + delta + self.eps)
     update = bases.rotate_out(update_eig)
     if self.whiten:
       shape = update.shape  # whitening acts on the matrix view (rows merged)
