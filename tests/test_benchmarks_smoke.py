@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flax")
@@ -128,3 +129,21 @@ def test_sensitivity_and_refresh_cost_run():
   assert set(row) == {"eigh", "power_qr"}
   assert all(math.isfinite(r["ratio"]) and r["plain_ms"] > 0 and r["ours_ms"] > 0
              for r in row.values())
+
+
+@pytest.mark.slow  # six methods x two streams at 100 steps per task (~60 s of compiling)
+def test_continual_learning_benchmark_runs(tmp_path):
+  """`python -m benchmarks.continual --quick`: every method scores every stream, and the
+  report and plot read its results."""
+  from benchmarks import continual
+
+  results = continual.main(["--quick"])
+  for per_method in results["streams"].values():
+    assert len(per_method) == 6
+    for r in per_method.values():
+      assert all(0 <= a <= 1 for a in r["accuracy"])
+      assert all(-1 <= f <= 1 for f in r["forgetting"])
+      assert np.asarray(r["matrices"]).shape == (1, 5, 5)
+  assert "| method | average accuracy | forgetting |" in continual.report(results)
+  continual.plot(results, str(tmp_path / "continual.png"))
+  assert (tmp_path / "continual.png").stat().st_size > 0

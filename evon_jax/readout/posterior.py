@@ -386,11 +386,13 @@ def kl(q, p) -> jax.Array:
   q, p = bubble(q), bubble(p)
   treedef = jax.tree.structure(q.mean)
   layouts = stored_layouts(q)
-  priors = prior_maths.leaf_priors(_prior.prior_state(p, q.mean, layouts), layouts, treedef)
+  current = storage_to_bases(q.bases, treedef, layouts)
+  priors = prior_maths.leaf_priors(_prior.prior_state(p, q.mean, layouts, current=current),
+                                   layouts, treedef)
   total = jnp.zeros([], jnp.float32)
-  for (layout, m, v, basis), leaf_prior in zip(_per_leaf(q), priors):
+  for (layout, m, v, _), leaf_prior in zip(_per_leaf(q), priors):
     if layout is not None:
-      total = total + prior_maths.leaf_kl(m, v, basis, leaf_prior)
+      total = total + prior_maths.leaf_kl(m, v, leaf_prior)
   return total
 
 

@@ -70,7 +70,6 @@ class EigenGradients(NamedTuple):
 
   grads: jax.Array     # Q_Lᵀ G_s Q_R, or its mode-product form
   normals: jax.Array
-  bases: tuple = ()    # the leaf's bases Q_k (None: identity), for a structured prior
 
 
 class Message(NamedTuple):

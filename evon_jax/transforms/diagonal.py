@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax.maths import ivon_update as ivon_step, prior as prior_maths, whitening
-from evon_jax.maths.kronecker import stored_layouts_of, storage_to_bases
 from evon_jax.readout.bubble import SoapBubble
 from evon_jax.maths.gates import ema_coefficients, scale_if
 from evon_jax.maths.layout import (
@@ -72,24 +71,21 @@ class EigenspaceIvonState(NamedTuple):
     coordinate: ``diag(Qᵀ P₀ Q)/ess + weight_decay`` in these bases (`maths.prior`)."""
     weight_decay = self.weight_decay
     if self.prior is not None:
-      weight_decay = self._prior_precision(bases)
+      weight_decay = self._prior_precision()
     return SoapBubble(self.mean, self.hessian, (), bases, self.ess, weight_decay)
 
-  def _prior_precision(self, bases: tuple):
+  def _prior_precision(self):
+    """δ per coordinate: the cached diag(Qᵀ P₀ Q) over ess, plus the weight decay."""
     treedef = jax.tree.structure(self.mean)
-    means = treedef.flatten_up_to(self.mean)
-    layouts = stored_layouts_of(means, bases, treedef)
-    priors = prior_maths.leaf_priors(self.prior, layouts, treedef)
     out = []
-    for mean, hessian, layout, q, prior in zip(
-        means, treedef.flatten_up_to(self.hessian), layouts,
-        storage_to_bases(bases, treedef, layouts), priors):
-      if prior is None:
+    for hessian, seen in zip(treedef.flatten_up_to(self.hessian),
+                             treedef.flatten_up_to(self.prior.seen)):
+      if jnp.shape(seen) != jnp.shape(hessian):  # frozen leaf
         out.append(self.weight_decay)
         continue
-      d = prior_maths.leaf_precision(q, prior, self.ess.astype(hessian.dtype), mean.shape)
-      out.append((d + self.weight_decay).astype(hessian.dtype))
+      out.append((seen / self.ess + self.weight_decay).astype(hessian.dtype))
     return treedef.unflatten(out)
+
 
 # The buffers `eigenbasis_refresh` re-expresses when the basis changes (a NamedTuple cannot
 # declare a class attribute in its body).
@@ -121,6 +117,14 @@ class IvonSpec(protocol.Spec):
   def prior_leaves(self, state, layouts, treedef) -> list:
     """Per leaf the structured prior in the view of `layouts` (None without one)."""
     return prior_maths.leaf_priors(state.prior, layouts, treedef)
+
+  def rebase(self, state, layouts, treedef, bases, changed):
+    """The state with its prior's cache recomputed where a leaf's bases `changed`
+    (`eigenbasis_refresh` calls it after a refresh; nothing without a prior)."""
+    if state.prior is None:
+      return state
+    return state._replace(prior=prior_maths.rebased(state.prior, layouts, treedef, bases,
+                                                    changed))
 
   def init(self, params, traced, layouts=None):
     hp = self.hyperparams(traced)
@@ -154,20 +158,19 @@ class IvonSpec(protocol.Spec):
       lr = lr * (hp.hess_init + hp.weight_decay)
     return lr
 
-  def _prior_terms(self, mean, record, prior, hp):
+  def _prior_terms(self, mean, prior, hp):
     """(δ, the prior's gradient) per example in these coordinates: the isotropic δ and δ M°,
     plus a structured prior's diag(Qᵀ P₀ Q)/ess and Qᵀ P₀ (M − m₀)/ess (`maths.prior`)."""
     precision, gradient = hp.weight_decay, hp.weight_decay * mean
     if prior is None:
       return precision, gradient
-    diagonal, structured = prior_maths.leaf_terms(mean, getattr(record, "bases", ()), prior,
-                                                  hp.ess)
+    diagonal, structured = prior_maths.leaf_terms(mean, prior, hp.ess)
     return diagonal + precision, structured + gradient
 
   def _leaf(self, record, mean, momentum, hessian, layout, hp, gates, lr, t, replica_axis,
             prior=None):
     """One leaf's IVON step; every buffer gated by scalar coefficients (see `maths.gates`)."""
-    prior_precision, prior_gradient = self._prior_terms(mean, record, prior, hp)
+    prior_precision, prior_gradient = self._prior_terms(mean, prior, hp)
     grad = jnp.mean(record.grads, axis=0)
     normal_times_grad = jnp.mean(record.normals * record.grads, axis=0)
     if self.hessian_baseline == "momentum":

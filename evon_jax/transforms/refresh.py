@@ -171,8 +171,10 @@ class RefreshSpec(protocol.Spec):
     bases, carried, permuted = eigenbasis.refresh(kind, factors, bases, carried,
                                                   in_place=in_place, permuted=permuted,
                                                   options=self.options)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    changed = jnp.any(jnp.stack([k != eigenbasis.KEEP for k in kinds]))
     return (factors, bases, [from_view(x, layout) for x in carried],
-            [from_view(x, layout) for x in permuted])
+            [from_view(x, layout) for x in permuted], changed)
 
   def _inner_buffers(self, inner_state, treedef):
     names = type(inner_state).eigen_fields
@@ -194,18 +196,22 @@ class RefreshSpec(protocol.Spec):
                    factor_traced, priors):
     """Every leaf's factor update and refresh; the inner state with its buffers moved."""
     names, buffers, sorted_names, per_coordinate = self._inner_buffers(inner_state, treedef)
+    changed = [None] * len(bases)
     for i, (record, layout) in enumerate(zip(message.leaves, message.layouts)):
       if record is None or not layout.any_rotated:
         continue
-      factors[i], bases[i], carried, permuted = self._update_leaf(
+      factors[i], bases[i], carried, permuted, changed[i] = self._update_leaf(
           i, record, layout, gates, count, factors[i], bases[i],
           [column[i] for column in buffers], [column[i] for column in per_coordinate],
           factor_traced, message.replica_axis, priors[i])
       for column, value in zip(buffers + per_coordinate, carried + permuted):
         column[i] = value
-    return inner_state._replace(**{
+    inner_state = inner_state._replace(**{
         name: treedef.unflatten(column)
         for name, column in zip(names + sorted_names, buffers + per_coordinate)})
+    if getattr(inner_state, "prior", None) is not None:  # what the new bases see of it
+      inner_state = self.inner.rebase(inner_state, message.layouts, treedef, bases, changed)
+    return inner_state
 
   def _inner_step(self, message, gates, bases, inner_state, params, inner_traced, plain,
                   treedef):
@@ -220,7 +226,7 @@ class RefreshSpec(protocol.Spec):
       grads = rec.grads
       if self.inner_l2:  # L2 on the inner's gradient only (the factors took the plain one)
         grads = grads + self.inner_l2 * as_view(theta, layout).astype(grads.dtype)[None]
-      eigen.append(protocol.EigenGradients(self._rotate_in(grads, q, plain), rec.normals, q))
+      eigen.append(protocol.EigenGradients(self._rotate_in(grads, q, plain), rec.normals))
     inner_out, inner_state = self.inner.apply(
         protocol.Message(eigen, gates, message.layouts, message.replica_axis), inner_state,
         params, inner_traced)
