@@ -2,6 +2,7 @@
 
     python -m benchmarks.continual            # 3 seeds, both streams (a few minutes, 2 cores)
     python -m benchmarks.continual --quick    # 1 seed, short tasks (smoke test)
+    python -m benchmarks.continual --report-only   # the .md and .png from the .json
 
 Data: scikit-learn's digits (1797 8x8 images, 10 classes), standardised, a 60/40 split per
 seed, in two streams of five tasks each:
@@ -212,7 +213,12 @@ def report(results) -> str:
               "| --- | --- | --- |"]
     for name, r in per_method.items():
       lines.append(f"| {name} | {_mean_std(r['accuracy'])} | {_mean_std(r['forgetting'])} |")
-    lines.append("")
+    ours = np.asarray(per_method["EVON, SOAP-Bubble as prior"]["accuracy"])
+    paired = {other: ours - np.asarray(per_method[other]["accuracy"])
+              for other in ("EVON, isotropic prior (control)", "IVON, posterior as prior")}
+    lines += ["", "Paired by seed, the SOAP-Bubble prior's average accuracy minus: " + "; ".join(
+        f"{other} {', '.join(f'{d:+.3f}' for d in diff)}" for other, diff in paired.items())
+        + ".", ""]
   cost = results.get("cost")
   if cost:
     t = cost["timings"]
@@ -269,7 +275,16 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--out", default="benchmarks/results/continual")
+  parser.add_argument("--report-only", action="store_true",
+                      help="rewrite the .md and .png from the existing .json")
   args = parser.parse_args(argv)
+  if args.report_only:
+    with open(args.out + ".json") as f:
+      results = json.load(f)
+    with open(args.out + ".md", "w") as f:
+      f.write(report(results))
+    plot(results, args.out + ".png")
+    return results
   seeds = 1 if args.quick else args.seeds
   steps = 100 if args.quick else args.steps
   streams = {"permuted digits": permuted_stream, "split digits": split_stream}

@@ -266,7 +266,8 @@ def ivon(
   ``hessian_baseline=None``, the reference's estimate; see `evon`), ``m ← b1 m + (1-b1) g``,
   ``h ← b2 h + (1-b2) ĥ + ½(1-b2)²(h-ĥ)²/(h+δ)``,
   ``μ ← μ - lr' clip((m/(1-b1ᵗ) + δ μ)/(h + δ), clip_radius)`` with
-  ``lr' = lr (hess_init + δ)`` when ``rescale_lr``. Posterior ``N(μ, 1/(ess (h + δ)))``.
+  ``lr' = lr (hess_init + δ)`` when ``rescale_lr`` (δ the scalar weight decay, also with a
+  `prior`). Posterior ``N(μ, 1/(ess (h + δ)))``.
   Drop-in and explicit modes, ``mc_samples``, ``key``, ``dtype``, ``momentum_dtype``,
   ``axis_name``, ``replica_noise`` and ``prior`` behave as in `evon` (``weight_decay``:
   1e-4, or 0 with a `prior`). With a structured prior (an EVON posterior) IVON keeps its

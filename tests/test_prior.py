@@ -213,3 +213,151 @@ def test_prior_errors_are_clear():
   with pytest.raises(ValueError, match="per coordinate"):
     tx = evon_jax.evon(0.02, ess=10.0, prior=bubble, **MATRIX_VIEW)
     posterior.kl_to_prior(posterior.bubble(tx.init(params)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache of T = Qᵀ Q₀ and diag(Qᵀ P₀ Q) follows the bases under every refresh option
+
+
+def _dense_basis(state_or_bubble):
+  """Per leaf the dense basis of the row-major vec (block diagonal over stacked dims)."""
+  import scipy.linalg
+  b = posterior.bubble(state_or_bubble)
+  bases = posterior.bases(b)
+  out = {}
+  for name, layout in zip(sorted(b.mean), posterior.stored_layouts(b)):
+    if layout.trainable:
+      q = bases[name] or (None,) * len(layout.axes)
+      blocks = posterior._dense_rotations(layout, q, jnp.float32)
+      out[name] = scipy.linalg.block_diag(*np.asarray(blocks, np.float64))
+  return out
+
+
+def _cache_params():
+  keys = jax.random.split(jax.random.key(0), 4)
+  return {"w": jax.random.normal(keys[0], (4, 3)), "t": jax.random.normal(keys[1], (2, 3, 4)),
+          "s": jax.random.normal(keys[2], (2, 3, 3)), "v": jax.random.normal(keys[3], (5,)),
+          "n": jnp.asarray(7, jnp.int32)}
+
+
+def _cache_loss(p):
+  return (jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum((p["t"] - 0.3) ** 4)
+          + jnp.sum(p["s"] ** 2 * p["s"][..., :1]) + jnp.sum(jnp.cos(p["v"]))
+          + jnp.sum(p["w"][:3, :] @ p["s"][0]))
+
+
+def _cache_grads(p):
+  floats = {k: v for k, v in p.items() if k != "n"}
+  return {**jax.grad(lambda f: _cache_loss({**p, **f}))(floats), "n": jnp.zeros_like(p["n"])}
+
+
+STACKED = dict(stacked_dims=lambda path, leaf: 1 if "'s'" in jax.tree_util.keystr(path) else 0)
+
+
+def _composed(prior, *, timing="after", sort_columns=False, mc_samples=1, **refresh):
+  return evon_jax.inject_noise(evon_jax.eigenbasis_refresh(
+      evon_jax.eigenspace_ivon(0.02, ess=40.0, hess_init=0.5, prior=prior),
+      factors=evon_jax.kronecker_factor_ema(0.8, regularization=1e-3, prior_gradient=True),
+      precondition_frequency=2, timing=timing, sort_columns=sort_columns, precondition_1d=True,
+      **STACKED, **refresh), key=2, mc_samples=mc_samples)
+
+
+CACHE_CASES = {
+    "after": {}, "before": dict(timing="before"), "sorted": dict(sort_columns=True),
+    "staggered": dict(stagger_refresh=True), "adaptive_per_side": dict(
+        adaptive_tolerance=0.3, adaptive_per_side=True),
+    "two_samples": dict(mc_samples=2), "eigh": dict(refresh_method="eigh"),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHE_CASES))
+def test_cached_prior_precision_follows_the_bases(case):
+  """After steps with refreshes, the cached diag(Qᵀ P₀ Q) equals the dense
+  diag(Kᵀ K₀ diag(π₀) K₀ᵀ K) (K, K₀: block-diagonal Kronecker products of the current and
+  the prior's bases), and the posterior variance uses it. Leaves: a matrix, a 3-axis tensor,
+  a stack of two matrices (stacked_dims), a vector with a basis, a frozen int scalar."""
+  params = _cache_params()
+  first = _composed(None)
+  state = first.init(params)
+  p = params
+  step = jax.jit(lambda p, s, tx=first: tx.update(_cache_grads(p), s, p))
+  for _ in range(6):
+    u, state = step(p, state)
+    p = optax.apply_updates(p, u)
+  prior = posterior.bubble(state)
+  tx = _composed(prior, **CACHE_CASES[case])
+  state = tx.init(posterior.mean(prior))
+  p = posterior.mean(prior)
+  step = jax.jit(lambda p, s: tx.update(_cache_grads(p), s, p))
+  for _ in range(9):
+    u, state = step(p, state)
+    p = optax.apply_updates(p, u)
+  current, previous = _dense_basis(state), _dense_basis(prior)
+  cached = posterior.bubble(state).weight_decay
+  for name in current:
+    pi = (40.0 * (np.asarray(prior.hessian[name], np.float64) + float(prior.weight_decay))
+          ).reshape(-1)
+    transition = current[name].T @ previous[name]
+    expected = (transition ** 2) @ pi / 40.0
+    assert not np.allclose(np.abs(transition), np.eye(len(pi)), atol=1e-2), name  # moved
+    np.testing.assert_allclose(np.asarray(cached[name], np.float64).reshape(-1), expected,
+                               rtol=2e-4, atol=1e-6, err_msg=f"{case} leaf {name}")
+  np.testing.assert_array_equal(np.asarray(posterior.prior(state).mean["n"]), 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Read-outs around a prior
+
+
+def test_partition_with_a_prior_reads_out_per_group():
+  """Under optax.partition one group with a structured prior and one without: the combined
+  read-outs take each leaf from its group, and kl_to_prior is the sum of the groups'."""
+  loss, params = make_problem(seed=2, with_conv=True)
+  bubble, dense = random_prior(0, params)
+  labels = {"w": "a", "k": "a", "b": "b"}
+  group_prior = evon_jax.SoapBubble(
+      {k: (v if labels[k] == "a" else optax.MaskedNode()) for k, v in bubble.mean.items()},
+      {k: (v if labels[k] == "a" else optax.MaskedNode()) for k, v in bubble.hessian.items()},
+      (), tuple({k: (v if labels[k] == "a" else optax.MaskedNode()) for k, v in slot.items()}
+                for slot in bubble.bases), bubble.ess, bubble.weight_decay)
+  tx = optax.partition({
+      "a": evon_jax.evon(0.02, key=11, prior=group_prior, **EVON_HYPER, **MATRIX_VIEW),
+      "b": evon_jax.evon(0.02, key=12, **EVON_HYPER)}, labels)
+  state = drop_in_trajectory(tx, params, loss, 8)[-1].state
+  groups = state.inner_states
+  combined = posterior.bubble(state)
+  assert jnp.shape(combined.weight_decay["w"]) == (3, 4)   # per coordinate (prior)
+  assert jnp.ndim(combined.weight_decay["b"]) == 0          # the isotropic δ
+  stddev = posterior.marginal_stddev(state)
+  assert all(np.all(np.isfinite(np.asarray(v))) and np.all(np.asarray(v) > 0)
+             for v in stddev.values())
+  np.testing.assert_allclose(
+      float(posterior.kl_to_prior(state)),
+      float(posterior.kl_to_prior(groups["a"])) + float(posterior.kl_to_prior(groups["b"])),
+      rtol=1e-5)
+  assert float(posterior.kl_to_prior(groups["a"])) > 0
+
+
+def test_prior_is_not_kept_alive_by_the_compiled_update():
+  """The compiled update's cache holds the spec it was traced with: the prior's arrays
+  (read by init only) must not ride along, or every task's prior would stay in memory."""
+  import gc
+  import weakref
+  loss, params = make_problem(seed=2, with_conv=True)
+  bubble, _ = random_prior(3, params)
+  watched = weakref.ref(bubble.mean["w"])
+  tx = evon_jax.evon(0.02, key=11, prior=bubble, **EVON_HYPER, **MATRIX_VIEW)
+  state = tx.init(params)
+  tx.update(jax.grad(loss)(params), state, params)
+  del bubble, tx, state
+  gc.collect()
+  assert watched() is None
+
+
+def test_evidence_refuses_a_structured_prior():
+  from evon_jax.structured import laplace_evidence
+  loss, params = make_problem(seed=2, with_conv=True)
+  bubble, _ = random_prior(0, params)
+  state = evon_jax.evon(0.02, prior=bubble, **EVON_HYPER, **MATRIX_VIEW).init(params)
+  with pytest.raises(ValueError, match="per coordinate"):
+    laplace_evidence.log_marginal_likelihood(state, 0.0)

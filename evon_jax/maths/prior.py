@@ -83,8 +83,9 @@ def check_compatible(prior: LeafLayout, current: LeafLayout, name: str) -> None:
   """A clear error when both the prior and the run rotate a leaf, along different axes."""
   if prior.any_rotated and current.any_rotated and _trimmed(prior) != _trimmed(current):
     raise ValueError(
-        f"Leaf {name}: the prior's Kronecker axes {prior.batch + prior.axes} differ from "
-        f"this optimizer's {current.batch + current.axes} (stacked dims first). A "
+        f"Leaf {name}: the prior's Kronecker axes {prior.axes} (stacked dims "
+        f"{prior.batch}) differ from this optimizer's {current.axes} (stacked dims "
+        f"{current.batch}). A "
         "structured prior needs the same stacked_dims / dimension_numbers as the run it "
         "came from, or a diagonal prior (IVON's).")
 

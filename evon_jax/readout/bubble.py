@@ -122,8 +122,8 @@ def combine(bubbles: Sequence[SoapBubble]) -> SoapBubble:
   if len(bubbles) == 1:
     return bubbles[0]
   for b in bubbles:
-    if any(jnp.ndim(x) for x in jax.tree.leaves((b.ess, b.weight_decay))):
-      raise ValueError("combine takes bubbles with scalar ess and weight_decay.")
+    if any(jnp.ndim(x) for x in jax.tree.leaves(b.ess)):
+      raise ValueError("combine takes bubbles with a scalar ess.")
   treedef = jax.tree.structure(bubbles[0].mean, is_leaf=_masked)
   if any(jax.tree.structure(b.mean, is_leaf=_masked) != treedef for b in bubbles[1:]):
     raise ValueError("The posteriors do not share one parameter tree; combine reads "
@@ -146,6 +146,15 @@ def combine(bubbles: Sequence[SoapBubble]) -> SoapBubble:
     return treedef.unflatten([optax.MaskedNode() if k is None else jnp.asarray(values[k])
                               for k in owners])
 
+  def per_leaf(values):
+    """δ of each leaf from its owner: a scalar, or per coordinate (a structured prior)."""
+    columns = []
+    for value in values:
+      leaves = jax.tree.leaves(value)
+      columns.append(leaves * treedef.num_leaves if len(leaves) == 1 else _slots_of(value))
+    return treedef.unflatten([optax.MaskedNode() if k is None else jnp.asarray(columns[k][i])
+                              for i, k in enumerate(owners)])
+
   def slots(stores):
     """Per axis slot k, each leaf's slot from its owner; a posterior with fewer slots (or
     none: IVON) gives its leaves the size-one identity slot there."""
@@ -166,4 +175,4 @@ def combine(bubbles: Sequence[SoapBubble]) -> SoapBubble:
       mean=pick([b.mean for b in bubbles]), hessian=pick([b.hessian for b in bubbles]),
       factors=factors, bases=slots([b.bases for b in bubbles]),
       ess=scalars([b.ess for b in bubbles]),
-      weight_decay=scalars([b.weight_decay for b in bubbles]))
+      weight_decay=per_leaf([b.weight_decay for b in bubbles]))

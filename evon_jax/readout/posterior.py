@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import optax
 
-from evon_jax.maths.layout import LeafLayout, as_view, from_view
+from evon_jax.maths.layout import LeafLayout, as_view, elementwise_layout, from_view
 from evon_jax.readout.locate import find_state
 from evon_jax.transforms._common import as_typed_key
 from evon_jax.readout.bubble import (
@@ -71,7 +71,8 @@ def tempered(opt_state, temperature) -> SoapBubble:
   q_T = N(M, T Σ): the mean and bases unchanged, the eigen-precision ``H + δ`` divided by
   T — the usual "cold/warm posterior" knob (T < 1 sharpens, T > 1 widens), applied at
   read-out time with no retraining. The prior N(0, 1/(ess δ)) stays as it was (only H
-  moves), so `kl_to_prior` compares the tempered posterior with the same prior.
+  moves), so `kl_to_prior` compares the tempered posterior with the same prior (with a
+  structured prior: ``kl(tempered(state, T), prior(state))``).
   `temperature` is a number for every leaf, a params-shaped tree of numbers, or a callable
   ``(path, leaf) -> number`` (e.g. to keep uncertainty in some layers only); T = 0 gives
   that leaf a point mass at its mean. Every read-out takes the result, e.g.
@@ -329,19 +330,25 @@ def prior(opt_state) -> SoapBubble:
   isotropic N(0, 1/(ess δ)) when the run's `weight_decay` δ is not 0 — still diagonal in
   the prior's bases Q₀: precision ``π = ess₀ (H₀ + δ₀) + ess δ``, mean ``(ess₀ (H₀+δ₀)/π) ⊙
   m₀°``. The bubble has ess 1 and δ 0, so its `hessian` is that total precision per eigen
-  coordinate; every read-out takes it (`sample`, `marginal_stddev`, `kl`).
+  coordinate; every read-out takes it (`sample`, `marginal_stddev`, `kl`). Several groups
+  (`optax.partition`) give one bubble of their priors.
   """
-  ivon_states = [] if isinstance(opt_state, SoapBubble) else [
-      node for node in jax.tree.leaves(
-          opt_state, is_leaf=lambda x: isinstance(x, EigenspaceIvonState))
-      if isinstance(node, EigenspaceIvonState)]
-  structured = [s for s in ivon_states if s.prior is not None]
-  if structured:
-    if len(ivon_states) > 1:
-      raise ValueError("prior: several EVON/IVON states, one with a structured prior; "
-                       "pass the state of one optimizer.")
-    return _structured_prior(structured[0])
-  state = bubble(opt_state)
+  if isinstance(opt_state, SoapBubble):
+    return _isotropic_prior(opt_state)
+  nodes = [node for node in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, EigenspaceIvonState))
+           if isinstance(node, EigenspaceIvonState)]
+  if not nodes:  # e.g. a Laplace fit's state
+    return _isotropic_prior(bubble(opt_state))
+  return combine([_isotropic_prior(node.bubble()) if node.prior is None
+                  else _structured_prior(node) for node in nodes])
+
+
+def _trainable(leaf) -> bool:
+  return elementwise_layout(jnp.shape(leaf), jnp.result_type(leaf)).trainable
+
+
+def _isotropic_prior(state: SoapBubble) -> SoapBubble:
   if any(jnp.ndim(x) for x in jax.tree.leaves(state.weight_decay)):
     raise ValueError("This bubble's δ is per coordinate (it was read from a run with a "
                      "structured prior): pass that optimizer's state to prior / kl_to_prior.")
@@ -350,7 +357,7 @@ def prior(opt_state) -> SoapBubble:
   for m, h, (ess, weight_decay) in zip(treedef.flatten_up_to(state.mean),
                                        treedef.flatten_up_to(state.hessian),
                                        _leaf_scalars(state)):
-    trainable = jnp.shape(h) == jnp.shape(m)
+    trainable = _trainable(m)
     means.append(jnp.zeros_like(m) if trainable else m)
     hessians.append(jnp.full(jnp.shape(m), ess * weight_decay, h.dtype) if trainable else h)
   return SoapBubble(treedef.unflatten(means), treedef.unflatten(hessians), (), (),
@@ -363,7 +370,7 @@ def _structured_prior(ivon_state) -> SoapBubble:
   treedef = jax.tree.structure(p.mean)
 
   def total(precision, mean):
-    if jnp.shape(precision) != jnp.shape(mean):  # frozen leaf: its placeholder
+    if not _trainable(mean):  # frozen leaf: its value and a placeholder
       return precision, mean
     combined = precision + isotropic.astype(precision.dtype)
     return combined, (precision / combined * mean).astype(mean.dtype)

@@ -135,6 +135,10 @@ def log_marginal_likelihood(state, log_likelihood: Any, *,
     The scalar log evidence.
   """
   state = posterior.bubble(state)
+  if any(jnp.ndim(x) for x in jax.tree.leaves(state.weight_decay)):
+    raise ValueError("log_marginal_likelihood assumes the isotropic prior N(0, 1/λ); this "
+                     "posterior's δ is per coordinate (a structured prior, or a combined "
+                     "bubble of several groups).")
   if prior_precision is None:
     prior_precision = state.ess * state.weight_decay
   else:

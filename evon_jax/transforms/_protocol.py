@@ -170,6 +170,12 @@ class Spec:
   def apply(self, updates, state, params, traced):
     raise NotImplementedError
 
+  def for_apply(self) -> "Spec":
+    """This spec as `apply` needs it: without arrays only `init` reads (the compiled
+    update's cache keeps its spec alive, and must not keep those alive with it)."""
+    inner = getattr(self, "inner", None)
+    return self if inner is None else dataclasses.replace(self, inner=inner.for_apply())
+
   def without_updates(self) -> "Spec":
     """This spec for a caller that reads the state, not the updates (so a refresh may move
     its buffers in place); the default changes nothing."""
@@ -225,7 +231,7 @@ def transformation(spec: Spec, traced) -> PieceTransformation:
     del extra_args
     if spec.axis_name is not None:  # collectives need the caller's mapped axis: no jit
       return spec.apply(updates, state, params, traced)
-    return _compiled_apply(updates, state, params, traced, spec=spec)
+    return _compiled_apply(updates, state, params, traced, spec=spec.for_apply())
 
   piece = PieceTransformation(init_fn, update_fn)
   piece.spec, piece.traced = spec, traced

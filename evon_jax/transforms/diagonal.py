@@ -18,7 +18,7 @@ from evon_jax.maths import ivon_update as ivon_step, prior as prior_maths, white
 from evon_jax.readout.bubble import SoapBubble
 from evon_jax.maths.gates import ema_coefficients, scale_if
 from evon_jax.maths.layout import (
-    as_view, diagonal_layouts as _diagonal_layouts, from_view, state_dtype)
+    as_view, diagonal_layouts as _diagonal_layouts, elementwise_layout, from_view, state_dtype)
 from evon_jax import _validation as check
 from evon_jax.transforms import _protocol as protocol, _prior
 from evon_jax.transforms._common import (
@@ -78,9 +78,10 @@ class EigenspaceIvonState(NamedTuple):
     """δ per coordinate: the cached diag(Qᵀ P₀ Q) over ess, plus the weight decay."""
     treedef = jax.tree.structure(self.mean)
     out = []
-    for hessian, seen in zip(treedef.flatten_up_to(self.hessian),
-                             treedef.flatten_up_to(self.prior.seen)):
-      if jnp.shape(seen) != jnp.shape(hessian):  # frozen leaf
+    for mean, hessian, seen in zip(treedef.flatten_up_to(self.mean),
+                                   treedef.flatten_up_to(self.hessian),
+                                   treedef.flatten_up_to(self.prior.seen)):
+      if not elementwise_layout(jnp.shape(mean), jnp.result_type(mean)).trainable:
         out.append(self.weight_decay)
         continue
       out.append((seen / self.ess + self.weight_decay).astype(hessian.dtype))
@@ -113,6 +114,9 @@ class IvonSpec(protocol.Spec):
 
   def hyperparams(self, traced) -> IvonHyperparams:
     return join_hyperparams(IvonHyperparams, self.static_hp, traced)
+
+  def for_apply(self):
+    return dataclasses.replace(self, prior=None) if self.prior is not None else self
 
   def prior_leaves(self, state, layouts, treedef) -> list:
     """Per leaf the structured prior in the view of `layouts` (None without one)."""
@@ -277,7 +281,8 @@ def eigenspace_ivon(
     hess_clip_ratio: if set, ĥ is clipped to ±ratio (H + eps).
     clip_radius: elementwise clipping of the direction (inf: none).
     whiten: Newton–Schulz-whiten the direction of matrix leaves (L2 for vectors).
-    rescale_lr: multiply the learning rate by ``hess_init + weight_decay`` (IVON's convention).
+    rescale_lr: multiply the learning rate by ``hess_init + weight_decay`` (IVON's
+      convention; the scalar weight decay only, not a structured prior's precision).
     hessian_baseline: 'momentum' (default) subtracts ``b = Ḡ/(1-b1^(t-1))`` from the
       gradients in the Price estimate. The draw z is independent of the earlier steps, so ĥ
       keeps its mean (the expected Hessian) and loses the ``g(M)² ess (H+δ)`` part of its
@@ -295,7 +300,9 @@ def eigenspace_ivon(
       diagonalises the whole posterior precision, and ``ess₀ (H₀+δ₀)/ess`` when Q = Q₀
       (docs/algorithm.md, "A structured prior"). A non-zero `weight_decay` multiplies in
       the isotropic prior as well. The prior's arrays are copied into the state at `init`;
-      its axes must match this run's (or either side have no bases).
+      its axes must match this run's (or either side have no bases). Memory: the state
+      gains three params-shaped buffers (m₀°, π₀ and the cached diagonal) and two sets of
+      Kronecker matrices (Q₀ and the transitions Qᵀ Q₀).
 
   Returns:
     An optax transformation (`PieceTransformation`) whose update is the move of the mean.

@@ -217,7 +217,8 @@ def kronecker_factor_ema(decay: float = 0.95, *, statistic: str = "mean_gradient
     prior_gradient: add the structured prior's gradient ``P₀ (θ − m₀)/ess`` at the sampled
       points to the statistics' gradient, when the `eigenspace_ivon` this refresh wraps
       has a `prior` (EVON's `factor_gradient='regularized'`; with `regularization` δ the
-      whole regularised gradient ``G + P₀ (θ − m₀)/ess + δ θ``). No effect without one.
+      whole regularised gradient ``G + P₀ (θ − m₀)/ess + δ θ``). No effect without one,
+      nor on a plain gradient tree (no `inject_noise` around: no sampled points θ).
     dtype: dtype of the factors (default float32, wider if params are wider).
   """
   check.check_beta("decay", decay)
