@@ -108,7 +108,7 @@ def _accuracy(params, test, classes):
   logits = mlp(params, jnp.asarray(x, jnp.float32))
   if classes is not None:  # task-incremental: the argmax over the task's own classes
     mask = jnp.full((10,), -jnp.inf).at[jnp.asarray(classes)].set(0.0)
-    logits = logits + mask
+    logits = logits + mask[None]
   return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y)))
 
 
