@@ -361,3 +361,11 @@ def test_evidence_refuses_a_structured_prior():
   state = evon_jax.evon(0.02, prior=bubble, **EVON_HYPER, **MATRIX_VIEW).init(params)
   with pytest.raises(ValueError, match="per coordinate"):
     laplace_evidence.log_marginal_likelihood(state, 0.0)
+
+
+def test_posterior_module_examples_run():
+  """The docstring examples of evon_jax.posterior (prior, tempered) as doctests."""
+  import doctest
+  from evon_jax.readout import posterior as module
+  result = doctest.testmod(module)
+  assert result.attempted >= 5 and result.failed == 0

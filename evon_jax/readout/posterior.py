@@ -332,6 +332,18 @@ def prior(opt_state) -> SoapBubble:
   m₀°``. The bubble has ess 1 and δ 0, so its `hessian` is that total precision per eigen
   coordinate; every read-out takes it (`sample`, `marginal_stddev`, `kl`). Several groups
   (`optax.partition`) give one bubble of their priors.
+
+  Example (continual learning: task 1's posterior is task 2's prior):
+    >>> import jax.numpy as jnp, evon_jax
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> task1 = evon_jax.evon(1e-2, ess=100.0).init(params)
+    >>> tx = evon_jax.evon(1e-2, ess=50.0, prior=task1)
+    >>> task2 = tx.init(evon_jax.posterior.mean(task1))
+    >>> p = evon_jax.posterior.prior(task2)        # precision ess₁ (H₁ + δ₁) = 100 (1 + 1e-4)
+    >>> bool(jnp.allclose(evon_jax.posterior.marginal_stddev(p)["w"], 100.01 ** -0.5))
+    True
+    >>> float(evon_jax.posterior.kl(task2, task1)) == float(evon_jax.posterior.kl_to_prior(task2))
+    True
   """
   if isinstance(opt_state, SoapBubble):
     return _isotropic_prior(opt_state)
