@@ -6,7 +6,7 @@ keeps that difference near the noise; one whose basis jumps inside a degenerate 
 turns it into a different run. This measures it on a small tanh MLP whose first steps
 have rank-deficient Kronecker factors (batch 24 < width 48):
 
-    python -m benchmarks.sensitivity                 # table of max weight change
+    python -m benchmarks.sensitivity                 # max weight change after 12 and 48 steps
     python -m benchmarks.sensitivity --json out.json
 
 The weight compared is the posterior mean for EVON and IVON (the params the loop holds are
@@ -70,12 +70,25 @@ def optimizers(ess: float = 24.0) -> dict[str, Callable[[], optax.GradientTransf
       "EVON (whiten=False)": lambda: evon_jax.evon(
           1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, whiten=False, key=0),
       # Whitening's default hess_init 0.1 at ess 24 (posterior std 0.65 on weights ~0.15):
-      # EVON still amplifies here, IVON with the same hess_init does not (issue 16, open).
+      # with the noise drawn in eigen coordinates EVON amplifies here (the samples follow
+      # an ill-determined basis); drawn in parameter coordinates it does not.
       "EVON (whitening, hess_init 0.1)": lambda: evon_jax.evon(
           1e-2, ess=ess, precondition_frequency=3, whiten=True, key=0),
       "EVON (whiten=False, hess_init 0.1)": lambda: evon_jax.evon(
           1e-2, ess=ess, hess_init=0.1, precondition_frequency=3, whiten=False, key=0),
       "IVON (hess_init 0.1)": lambda: evon_jax.ivon(1e-2, ess=ess, hess_init=0.1, key=0),
+      "EVON (whitening), noise_basis='parameter'": lambda: evon_jax.evon(
+          1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, whiten=True, key=0,
+          noise_basis="parameter"),
+      "EVON (whiten=False), noise_basis='parameter'": lambda: evon_jax.evon(
+          1e-2, ess=ess, hess_init=1.0, precondition_frequency=3, whiten=False, key=0,
+          noise_basis="parameter"),
+      "EVON (whitening, hess_init 0.1), noise_basis='parameter'": lambda: evon_jax.evon(
+          1e-2, ess=ess, precondition_frequency=3, whiten=True, key=0,
+          noise_basis="parameter"),
+      "EVON (whiten=False, hess_init 0.1), noise_basis='parameter'": lambda: evon_jax.evon(
+          1e-2, ess=ess, hess_init=0.1, precondition_frequency=3, whiten=False, key=0,
+          noise_basis="parameter"),
   }
 
 
@@ -118,19 +131,51 @@ def amplification(make_tx, *, seed: int = 0, noise_seed: int = 1,
                     train(make_tx, perturbed, steps, seed))
 
 
-def table(seeds=(0, 1, 2)) -> dict[str, list[float]]:
-  return {name: [amplification(make, seed=s, noise_seed=s + 100) for s in seeds]
+def table(seeds=(0, 1, 2), steps: int = STEPS) -> dict[str, list[float]]:
+  return {name: [amplification(make, seed=s, noise_seed=s + 100, steps=steps) for s in seeds]
           for name, make in optimizers().items()}
+
+
+def noise_cost(d: int = 256, layers: int = 4, rounds: int = 6, steps_per_round: int = 10):
+  """Step time with the noise drawn in parameter coordinates against eigen coordinates,
+  interleaved in one run (`benchmarks.common.time_interleaved`), on `benchmarks.run`'s
+  transformer-shaped leaves (refresh every 10 steps)."""
+  from benchmarks import common
+  shapes = common.transformer_shapes(d, layers)
+  params = common.make_params(shapes)
+  direction = common.make_params(shapes, seed=1)
+  make = lambda whiten, basis: evon_jax.evon(3e-3, ess=1e6, hess_init=0.1, whiten=whiten,
+                                             noise_basis=basis)
+  runners = [common.StepRunner(f"{'whiten' if w else 'evon'}/{basis}", make(w, basis), params,
+                               direction)
+             for w in (False, True) for basis in ("eigen", "parameter")]
+  timed = common.time_interleaved(runners, rounds=rounds, steps_per_round=steps_per_round)
+  ratios = {kind: {stat: timed[f"{kind}/parameter"][stat] / timed[f"{kind}/eigen"][stat]
+                   for stat in ("mean_ms", "median_ms")} for kind in ("evon", "whiten")}
+  return {"d": d, "layers": layers, "timings": timed, "ratios": ratios}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", default=None)
+  parser.add_argument("--long", type=int, default=48,
+                      help="a second horizon (steps); 0 to skip")
   args = parser.parse_args()
-  results = table()
-  print("| optimizer | max weight change (seeds 0, 1, 2) |\n| --- | --- |")
-  for name, values in results.items():
-    print(f"| {name} | {' / '.join(f'{v:.1e}' for v in values)} |")
+  results = {"12 steps": table()}
+  if args.long:
+    results[f"{args.long} steps"] = table(steps=args.long)
+  horizons = list(results)
+  print("| optimizer | " + " | ".join(f"max weight change, {h} (seeds 0, 1, 2)"
+                                       for h in horizons) + " |")
+  print("| --- |" + " --- |" * len(horizons))
+  for name in results[horizons[0]]:
+    print(f"| {name} | " + " | ".join(' / '.join(f'{v:.1e}' for v in results[h][name])
+                                      for h in horizons) + " |")
+  cost = noise_cost()
+  for kind, r in cost["ratios"].items():
+    print(f"noise_basis='parameter' / 'eigen', {kind}: mean {r['mean_ms']:.2f}, "
+          f"median {r['median_ms']:.2f}")
+  results["noise_cost"] = cost
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)

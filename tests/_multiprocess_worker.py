@@ -45,6 +45,11 @@ def optimizers(axis_name=None):
       "EVON": lambda: evon(),
       "EVON (whitening)": lambda: evon(whiten=True),
       "SOAP": lambda: evon_jax.soap(1e-2, precondition_frequency=3, relative_eps=3e-2),
+      # Whitening's default hess_init 0.1, where eigen-coordinate noise amplifies (issue 16):
+      # the noise drawn in parameter coordinates.
+      "EVON (whitening, hess_init 0.1, noise_basis='parameter')": lambda: evon_jax.evon(
+          1e-2, ess=24.0, precondition_frequency=3, key=0, axis_name=axis_name, whiten=True,
+          noise_basis="parameter"),
   }
 
 

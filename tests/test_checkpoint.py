@@ -115,6 +115,9 @@ def _plain_tx(kind):
             evon_jax.eigenspace_ivon(0.05, ess=1e3, hess_init=1.0),
             factors=evon_jax.kronecker_factor_ema(0.99), precondition_frequency=3),
         key=5, mc_samples=2)
+  if kind == "evon_parameter_noise":  # the state's marker (a bool scalar) round trips
+    return evon_jax.evon(0.05, ess=1e3, hess_init=0.5, key=3, precondition_frequency=3,
+                         noise_basis="parameter")
   if kind == "evon_prior":  # a structured prior in the state (continual learning)
     return evon_jax.evon(0.05, ess=1e3, hess_init=0.5, key=3, precondition_frequency=3,
                          prior=_run(_tx("evon"), 4)[1])
@@ -132,7 +135,7 @@ def _run(tx, calls):
 # The two-sample states have the same leaves as `evon`'s with a sample axis (their
 # round trips are marked slow, 35 s each: compiling two-sample optimizers).
 @pytest.mark.parametrize("kind", ["evon", pytest.param("evon_mc2", marks=pytest.mark.slow),
-                                  "ivon", "soap", "evon_prior",
+                                  "ivon", "soap", "evon_prior", "evon_parameter_noise",
                                   pytest.param("composed_evon_mc2", marks=pytest.mark.slow)])
 def test_plain_orbax_round_trips_every_state(tmp_path, kind):
   """No zero-size arrays anywhere in a state (so no wrapper is needed): orbax's own

@@ -15,7 +15,7 @@ import optax
 
 from evon_jax.maths import ivon_update as ivon_step
 from evon_jax.maths.layout import LeafLayout, elementwise_layout
-from evon_jax.maths.kronecker import AxisBases, rotate_out, stored_layout
+from evon_jax.maths.kronecker import AxisBases, rotate_in, rotate_out, stored_layout
 
 
 class SoapBubble(NamedTuple):
@@ -99,6 +99,24 @@ def draw(record: EigenPosterior, normals, noise_scale, precision="highest", cent
   eigen = std * normals if centered else mean + std * normals
   view = jnp.reshape(eigen, eigen.shape[:1] * stacked + record.layout.view_shape)
   return jnp.reshape(rotate_out(view, record.bases, precision), eigen.shape)
+
+
+def eigen_normals(record: EigenPosterior, draws, precision="highest"):
+  """Standard normal draws ξ made in parameter coordinates, expressed in eigen coordinates:
+  ``Qᵀ ξ`` (the leaf's own shape, or with a leading sample axis).
+
+  ``Qᵀ ξ`` is again standard normal (Q is orthonormal), so ``draw(record, Qᵀ ξ, 1)`` is a
+  sample of the same posterior: ``M + Q (√V ⊙ Qᵀ ξ) Qᵀ = M + Σ^{1/2} ξ``, the symmetric
+  square root of the covariance. Unlike ``M + Q (√V ⊙ z)`` with z drawn in eigen
+  coordinates, it does not depend on which basis `eigh` or a QR picks inside a subspace
+  where V is (nearly) constant — a degenerate or ill-determined eigenspace — so a tiny
+  change of the factors gives a tiny change of the sample (`inject_noise(noise_basis=
+  'parameter')`)."""
+  if not record.bases:
+    return draws
+  leading = draws.shape[:draws.ndim - record.mean.ndim]
+  view = jnp.reshape(draws, leading + record.layout.view_shape)
+  return jnp.reshape(rotate_in(view, record.bases, precision), draws.shape)
 
 
 def _masked(x) -> bool:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from evon_jax import _validation as check
-from evon_jax.readout.bubble import records as bubble_records
+from evon_jax.readout.bubble import eigen_normals, records as bubble_records
 from evon_jax.transforms import _protocol as protocol
 from evon_jax.transforms._common import (
     all_finite, as_typed_key, check_tree, leaf_names, replica_mean, sample_seeds,
@@ -33,6 +33,9 @@ class InjectNoiseState(NamedTuple):
     pending: drop-in Monte Carlo (mc_samples = k > 1): the gradients (a params-shaped tree
       with a leading axis k-1) and keys (k-1,) of the step's earlier samples; else None.
     inner: the inner piece's state.
+    parameter_noise: None when the noise is drawn in eigen coordinates (the default);
+      a constant True when it is drawn in parameter coordinates (`noise_basis='parameter'`),
+      so that `training_samples` draws what the update regenerates.
   """
 
   count: jax.Array
@@ -41,6 +44,7 @@ class InjectNoiseState(NamedTuple):
   noise_scale: jax.Array
   pending: Any
   inner: Any
+  parameter_noise: Any = None
 
   def bubble(self):
     """The posterior the optimizer holds (`evon_jax.posterior.bubble` finds it in wrappers)."""
@@ -76,6 +80,14 @@ class NoiseSpec(protocol.Spec):
   phasing: bool = False
   replicas: Any = None            # the axis name, or None
   replica_noise: str = "shared"
+  noise_basis: str = "eigen"
+
+  def eigen(self, record, draws):
+    """The call's standard normal draws in eigen coordinates (`eigen_normals` when the
+    noise is drawn in parameter coordinates)."""
+    if self.noise_basis == "parameter":
+      return eigen_normals(record, draws, self.precision)
+    return draws
 
   @property
   def axis_name(self):
@@ -126,7 +138,10 @@ class NoiseSpec(protocol.Spec):
     return InjectNoiseState(
         count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32),
         key=key, noise_scale=jnp.zeros([], jnp.float32), pending=pending,
-        inner=inner)
+        inner=inner, parameter_noise=self._marker())
+
+  def _marker(self):
+    return jnp.asarray(True) if self.noise_basis == "parameter" else None
 
   # ------------------------------------------------------------------- per call
 
@@ -172,7 +187,7 @@ class NoiseSpec(protocol.Spec):
         leaves.append(None)
         continue
       dtype = stack.dtype
-      normals = jnp.stack([per_sample[i] for per_sample in draws])
+      normals = self.eigen(record, jnp.stack([per_sample[i] for per_sample in draws]))
       normals = normals * noise_scale.astype(dtype)
       if self.drop_in and stack.shape[0] == 1:  # the loop holds the sample itself
         thetas = jnp.asarray(param).astype(dtype)[None]
@@ -240,8 +255,8 @@ class NoiseSpec(protocol.Spec):
         updates.append(jnp.zeros_like(param))
         continue
       if self.drop_in:
-        target = protocol.draw(record, normal, noise_scale.astype(normal.dtype),
-                               self.precision)
+        target = protocol.draw(record, self.eigen(record, normal),
+                               noise_scale.astype(normal.dtype), self.precision)
       else:
         target = protocol.draw(record, None, 0.0, self.precision)
       updates.append((target.astype(param.dtype) - param) * moved.astype(param.dtype))
@@ -274,15 +289,16 @@ class NoiseSpec(protocol.Spec):
                              state.noise_scale)
     new_state = InjectNoiseState(
         count=count, skipped=state.skipped + (~finite).astype(state.skipped.dtype), key=key,
-        noise_scale=noise_scale, pending=pending, inner=inner)
+        noise_scale=noise_scale, pending=pending, inner=inner,
+        parameter_noise=state.parameter_noise)
     out = self._next_sample(_records(inner), params, key, noise_scale,
                             finite.astype(jnp.float32))
     return out, new_state
 
 
 def inject_noise(inner, *, key=0, mc_samples: int = 1, drop_in: bool = True,
-                 phasing: bool = False, axis_name=None,
-                 replica_noise: str = "shared") -> protocol.PieceTransformation:
+                 phasing: bool = False, axis_name=None, replica_noise: str = "shared",
+                 noise_basis: str = "eigen") -> protocol.PieceTransformation:
   r"""Turns a posterior-keeping piece into a variational optimizer that trains at samples.
 
   Each call: gradients that are not all finite skip the call (every state bit-identical,
@@ -304,6 +320,14 @@ def inject_noise(inner, *, key=0, mc_samples: int = 1, drop_in: bool = True,
     axis_name: the mapped axis of replicas (`pmap` / `shard_map`), or None.
     replica_noise: 'shared' (one sample on all replicas) or 'independent' (each replica its
       own samples).
+    noise_basis: where the standard normal draws are made. 'eigen' (default, the
+      reference's): z in eigen coordinates, sample ``Q (M° + √V ⊙ z) Qᵀ``. 'parameter':
+      ξ in parameter coordinates, sample ``M + Q (√V ⊙ Qᵀ ξ Q) Qᵀ = M + Σ^{1/2} ξ`` — the
+      same posterior, but the sample is a continuous function of the covariance rather
+      than of its eigenbasis: where the basis is ill-determined (near-degenerate or
+      near-null factor eigenvalues, early steps, tiny batches) the two runs of a 1e-7
+      input change no longer drift apart (benchmarks/results/sensitivity.md). Costs one
+      more rotation per sample drawn and per sample the step regenerates.
   """
   spec, traced = protocol.spec_of(inner, "inject_noise")
   if not protocol.holds_posterior(spec):
@@ -312,9 +336,10 @@ def inject_noise(inner, *, key=0, mc_samples: int = 1, drop_in: bool = True,
         f"eigenbasis_refresh(eigenspace_ivon(...), ...) (EVON), got {type(spec).__name__}.")
   check.check_static_int("mc_samples", mc_samples, 1)
   check.check_replicas(axis_name, replica_noise)
+  check.check_choice("noise_basis", noise_basis, ("eigen", "parameter"))
   noise_spec = NoiseSpec(spec.without_updates(), mc_samples=int(mc_samples),
                          drop_in=bool(drop_in), phasing=bool(phasing), replicas=axis_name,
-                         replica_noise=replica_noise)
+                         replica_noise=replica_noise, noise_basis=noise_basis)
   return protocol.transformation(noise_spec, (traced, key))
 
 
@@ -342,5 +367,7 @@ def training_samples(opt_state, num_samples: int = 1, *, axis_name=None) -> Any:
       out.append(jnp.broadcast_to(mean, (num_samples,) + jnp.shape(mean)))
       continue
     normals = jnp.stack([per_sample[i] for per_sample in draws])
+    if state.parameter_noise is not None:  # noise_basis='parameter'
+      normals = eigen_normals(record, normals)
     out.append(protocol.draw(record, normals, state.noise_scale.astype(normals.dtype)))
   return treedef.unflatten(out)
