@@ -314,16 +314,19 @@ def monte_carlo_steps(tx, params, loss, num_steps, mc_samples, drop_in):
   return first_grad, steps
 
 
-@pytest.mark.parametrize('drop_in', [True, False])
-def test_evon_monte_carlo_matches_numpy_reference(drop_in):
+# Explicit mode with the noise drawn in parameter coordinates: training_samples must draw
+# what the update regenerates (tests/test_parameter_noise.py has the rest of that option).
+@pytest.mark.parametrize('drop_in,noise_basis', [(True, 'eigen'), (False, 'eigen'),
+                                                 (False, 'parameter')])
+def test_evon_monte_carlo_matches_numpy_reference(drop_in, noise_basis):
   """mc_samples=2 (accumulating calls in drop-in mode, stacked gradients in explicit mode),
   with the full-eigh refresh every 5 steps."""
   mc_samples, lr = 2, 0.02
   hyper = {**EVON_HYPER, 'precondition_frequency': 5}
   loss, params = make_problem(seed=5, with_conv=True)
   tx = evon_jax.evon(lr, whiten=False, refresh_method='eigh', mc_samples=mc_samples,
-                     **MATRIX_VIEW,
-                     drop_in=drop_in, key=13, **hyper)
+                     **MATRIX_VIEW, drop_in=drop_in, key=13, noise_basis=noise_basis,
+                     **hyper)
   first_grad, steps = monte_carlo_steps(tx, params, loss, 12, mc_samples, drop_in)
   refs = {k: ref.EvonReference(v, learning_rate=lr, whiten=False, refresh_method='eigh',
                                **hyper)

@@ -68,11 +68,9 @@ def tuned_options(mc_samples: int = 8) -> dict:
       shampoo_b=0.9995, hess_init=0.01, precondition_frequency=10, **REMEDIES)
 
 
-def run_drop_in(loss, init, *, ess, options, key=0):
-  """Drop-in EVON for the whole budget; returns the final optimizer state."""
-  mc_samples = options.get("mc_samples", 1)
-  steps = (BUDGET - 1) // mc_samples
-  tx = evon_jax.evon(ess=ess, weight_decay=WEIGHT_DECAY, whiten=False, key=key, **options)
+def scan_drop_in(tx, loss, init, calls):
+  """`calls` drop-in calls of `tx` on the full-batch `loss` under one jitted scan; returns
+  the final optimizer state."""
   grad = jax.grad(loss)
 
   @jax.jit
@@ -82,11 +80,18 @@ def run_drop_in(loss, init, *, ess, options, key=0):
       updates, state = tx.update(grad(params), state, params)
       return (optax.apply_updates(params, updates), state), None
 
-    carry, _ = jax.lax.scan(call, (params, tx.init(params)), None,
-                            length=1 + steps * mc_samples)
+    carry, _ = jax.lax.scan(call, (params, tx.init(params)), None, length=calls)
     return carry[1]
 
   return train(init)
+
+
+def run_drop_in(loss, init, *, ess, options, key=0):
+  """Drop-in EVON for the whole budget; returns the final optimizer state."""
+  mc_samples = options.get("mc_samples", 1)
+  steps = (BUDGET - 1) // mc_samples
+  tx = evon_jax.evon(ess=ess, weight_decay=WEIGHT_DECAY, whiten=False, key=key, **options)
+  return scan_drop_in(tx, loss, init, 1 + steps * mc_samples)
 
 
 def logistic_kl(X, y, options, key=0):
@@ -228,20 +233,9 @@ def _fit_regression(kind, X, y, *, weight_decay, prior=None, init=None, key=0):
     tx = evon_jax.evon(precondition_1d=True, shampoo_b=0.9995, **REMEDIES, **common)
   else:
     tx = evon_jax.ivon(rescale_lr=False, **common)
-  grad = jax.grad(lambda w: 0.5 * jnp.mean((y32 - X32 @ w) ** 2))
-
-  @jax.jit
-  def train(params):
-    def call(carry, _):
-      params, state = carry
-      updates, state = tx.update(grad(params), state, params)
-      return (optax.apply_updates(params, updates), state), None
-
-    carry, _ = jax.lax.scan(call, (params, tx.init(params)), None,
-                            length=1 + steps * mc_samples)
-    return carry[1]
-
-  return train(jnp.zeros(d, jnp.float32) if init is None else init)
+  return scan_drop_in(tx, lambda w: 0.5 * jnp.mean((y32 - X32 @ w) ** 2),
+                      jnp.zeros(d, jnp.float32) if init is None else init,
+                      1 + steps * mc_samples)
 
 
 def _sequential(kind, X, y, delta):

@@ -3,8 +3,8 @@ M + Q (√V ⊙ Qᵀ ξ) Qᵀ = M + Σ^{1/2} ξ (the symmetric square root of th
 
 * The sample against a NumPy re-derivation from the eigen-coordinate run with the same key
   (the hash draws the same numbers; the two runs differ only in how they are used).
-* The update against the NumPy EVON reference (tests/numpy_reference.py), drop-in and
-  explicit mode: the reference reads the noise as sample − mean and rotates it into its own
+* The update against the NumPy EVON reference (tests/numpy_reference.py), drop-in here,
+  explicit mode (`training_samples`) in tests/test_equivalence.py: the reference reads the noise as sample − mean and rotates it into its own
   basis, so it checks that the Price estimate uses the draws the sample was made of.
 * The reason for the option (issue 16): a 1e-7 change of the inputs no longer grows.
 """
@@ -21,8 +21,7 @@ import evon_jax
 from evon_jax import posterior
 import numpy_reference as ref
 from test_equivalence import (
-    EVON_HYPER, MATRIX_VIEW, _np, assert_tree_close, drop_in_trajectory, make_problem,
-    monte_carlo_steps)
+    EVON_HYPER, MATRIX_VIEW, _np, assert_tree_close, drop_in_trajectory, make_problem)
 
 
 def _dense(q):
@@ -88,25 +87,6 @@ def test_update_with_parameter_noise_matches_numpy_reference(whiten):
   # 700 standard normals (Kᵀ ξ is standard normal): mean square 1 +- ~0.16.
   standardized = np.concatenate([z.ravel() for z in standardized])
   assert abs(np.mean(standardized ** 2) - 1) < 0.17
-
-
-def test_explicit_mode_with_parameter_noise_matches_numpy_reference():
-  """training_samples draws what the update regenerates (mc_samples 2, eigh every 5)."""
-  mc_samples, lr = 2, 0.02
-  hyper = {**EVON_HYPER, "precondition_frequency": 5}
-  loss, params = make_problem(seed=5, with_conv=True)
-  tx = evon_jax.evon(lr, refresh_method="eigh", mc_samples=mc_samples, drop_in=False,
-                     key=13, noise_basis="parameter", **hyper, **MATRIX_VIEW)
-  first_grad, steps = monte_carlo_steps(tx, params, loss, 12, mc_samples, False)
-  refs = {k: ref.EvonReference(v, learning_rate=lr, refresh_method="eigh", **hyper)
-          for k, v in _np(params).items()}
-  for name, r in refs.items():
-    r.first_call(first_grad[name])
-  for j, step in enumerate(steps, start=1):
-    for name, r in refs.items():
-      r.step([g[name] for g in step.grads], [e[name] for e in step.noises])
-    assert_tree_close(step.mean_after, {k: r.mean for k, r in refs.items()}, 1e-4, 1e-5,
-                      f"step {j}")
 
 
 def test_parameter_noise_does_not_amplify_float_noise():
