@@ -270,7 +270,13 @@ CACHE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CACHE_CASES))
+# Three cases in the default suite (~10 s each); the other refresh paths are marked slow.
+SLOW_CACHE_CASES = {"sorted", "staggered", "adaptive_per_side", "eigh"}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=pytest.mark.slow) if case in SLOW_CACHE_CASES else case
+    for case in CACHE_CASES])
 def test_cached_prior_precision_follows_the_bases(case):
   """After steps with refreshes, the cached diag(Qᵀ P₀ Q) equals the dense
   diag(Kᵀ K₀ diag(π₀) K₀ᵀ K) (K, K₀: block-diagonal Kronecker products of the current and
