@@ -1,7 +1,6 @@
 """Eigenbasis refresh: full `eigh` warm start, then power iteration + QR every few steps.
 
-EVON's refresh is a `while_loop` run zero or one times (see `refresh`), so its update is
-not reverse-mode differentiable through a refresh step.
+The refresh runs under a `lax.cond` on the steps it is due (see `refresh`).
 
 All solves run in float32 or wider (never bf16) and are guarded: a solve that returns a
 non-finite basis keeps the previous one, so a bad factor never corrupts the posterior.
@@ -296,7 +295,6 @@ def refresh(
     factors: AxisBases,
     basis: AxisBases,
     carried: Sequence[jax.Array],
-    in_place: bool = True,
     permuted: Sequence[jax.Array] = (),
     options: RefreshOptions = DEFAULT_OPTIONS,
 ) -> tuple[AxisBases, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -306,15 +304,13 @@ def refresh(
   `carried` are buffers held in eigen coordinates (momentum, the mean) whose parameter-space
   value must not change when the basis does. `permuted` are per-coordinate buffers that stay
   in place (Adam's nu, IVON's H) except that, with `options.sort`, their entries follow the
-  columns of a sorted power-QR refresh. The refresh runs only when due.
+  columns of a sorted power-QR refresh. The refresh runs only when due, under a `lax.cond`.
   Returns (bases, carried, permuted).
 
-  `in_place=True` runs it as the body of a `while_loop` taken zero or one times: a loop
-  carry is updated in place, while a `lax.cond` whose keep-branch passes the bases through
-  makes XLA copy every basis on every step (46 MB per step on the d = 256 benchmark shapes).
-  That holds when nothing reads the old basis after the refresh; SOAP, which rotates its
-  update out with the old basis, gets more copies from the loop than from the cond (68 vs
-  32 per step) and passes `in_place=False`.
+  (Until 2026-12-07 EVON ran it as a `while_loop` taken zero or one times, whose carry was
+  meant to update in place. With jax 0.10 the loop's carry takes LAPACK's column-major
+  layout: 32 transposing copies of the bases per step on `benchmarks.run`'s d = 256 shapes,
+  41 ms of op time, 12 MB more temporaries. The cond is 17 ms per step faster there.)
   """
   if all(b is None for b in basis):
     return basis, tuple(carried), tuple(permuted)
@@ -339,17 +335,7 @@ def refresh(
 
   due = jnp.any(jnp.stack([k != KEEP for k in kinds]))
   operands = (tuple(basis), tuple(carried), tuple(permuted))
-  if not in_place:
-    return jax.lax.cond(due, lambda ops: moved(*ops), lambda ops: ops, operands)
-
-  def body(loop):
-    done, ops = loop
-    return done + 1, moved(*ops)
-
-  _, result = jax.lax.while_loop(
-      lambda loop: loop[0] < due.astype(jnp.int32), body,
-      (jnp.zeros([], jnp.int32), operands))
-  return result
+  return jax.lax.cond(due, lambda ops: moved(*ops), lambda ops: ops, operands)
 
 
 def refresh_kind(

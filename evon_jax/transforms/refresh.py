@@ -98,11 +98,13 @@ class RefreshSpec(protocol.Spec):
       return 0
     return leaf_index % self.precondition_frequency
 
-  def _rotate_in(self, grads, bases, plain: bool):
-    """G ×₁ Q₁ᵀ ×₂ Q₂ᵀ … for a stack of samples. A plain gradient is rotated without its
-    sample axis of one: the same products as a lone gradient, so SOAP stays bit-identical to
-    its single-engine form (a leading axis reorders the sums of N-D mode products)."""
-    if plain:
+  def _rotate_in(self, grads, bases):
+    """G ×₁ Q₁ᵀ ×₂ Q₂ᵀ … for a stack of samples. A stack of one sample (a plain gradient,
+    or EVON's single Monte-Carlo sample) is rotated without its axis: the same products as
+    a lone gradient (so SOAP stays bit-identical to its single-engine form), and no
+    axis-permuting copies of the result (a leading axis makes XLA transpose each side's
+    product: 32 copies per step on `benchmarks.run`'s d = 256 shapes)."""
+    if grads.shape[0] == 1:
       return rotate_in(grads[0], bases, self.rotation_precision)[None]
     return rotate_in(grads, bases, self.rotation_precision)
 
@@ -167,10 +169,8 @@ class RefreshSpec(protocol.Spec):
                                          count + 1)
     carried = [as_view(x, layout) for x in eigen_buffers]
     permuted = [as_view(x, layout) for x in per_coordinate]
-    in_place = not self.updates_read or self.timing == "before"
     bases, carried, permuted = eigenbasis.refresh(kind, factors, bases, carried,
-                                                  in_place=in_place, permuted=permuted,
-                                                  options=self.options)
+                                                  permuted=permuted, options=self.options)
     kinds = kind if isinstance(kind, tuple) else (kind,)
     changed = jnp.any(jnp.stack([k != eigenbasis.KEEP for k in kinds]))
     return (factors, bases, [from_view(x, layout) for x in carried],
@@ -213,8 +213,7 @@ class RefreshSpec(protocol.Spec):
       inner_state = self.inner.rebase(inner_state, message.layouts, treedef, bases, changed)
     return inner_state
 
-  def _inner_step(self, message, gates, bases, inner_state, params, inner_traced, plain,
-                  treedef):
+  def _inner_step(self, message, gates, bases, inner_state, params, inner_traced, treedef):
     """The inner method's step on the gradients rotated into `bases`; its update rotated
     back out with the same bases."""
     thetas = (treedef.flatten_up_to(params) if self.inner_l2 else [None] * len(bases))
@@ -226,7 +225,7 @@ class RefreshSpec(protocol.Spec):
       grads = rec.grads
       if self.inner_l2:  # L2 on the inner's gradient only (the factors took the plain one)
         grads = grads + self.inner_l2 * as_view(theta, layout).astype(grads.dtype)[None]
-      eigen.append(protocol.EigenGradients(self._rotate_in(grads, q, plain), rec.normals))
+      eigen.append(protocol.EigenGradients(self._rotate_in(grads, q), rec.normals))
     inner_out, inner_state = self.inner.apply(
         protocol.Message(eigen, gates, message.layouts, message.replica_axis), inner_state,
         params, inner_traced)
@@ -257,12 +256,12 @@ class RefreshSpec(protocol.Spec):
       inner_state = self._refresh_all(message, message.gates, state.count, state.inner,
                                       factors, bases, treedef, factor_traced, priors)
       outs, inner_state = self._inner_step(message, message.gates, bases, inner_state,
-                                           params, inner_traced, plain, treedef)
+                                           params, inner_traced, treedef)
     else:
       gates = message.gates._replace(first=message.gates.first | (state.count == 0))
       # SOAP rotates its direction out with the basis it was made in.
       outs, inner_state = self._inner_step(message, gates, bases, state.inner, params,
-                                           inner_traced, plain, treedef)
+                                           inner_traced, treedef)
       inner_state = self._refresh_all(message, gates, state.count, inner_state, factors,
                                       bases, treedef, factor_traced, priors)
 
@@ -311,7 +310,7 @@ def eigenbasis_refresh(
   `precondition_frequency` steps the bases are refreshed from the factors (power iteration
   + QR, or `eigh`; `eigh` on the first call, which only initialises) and the inner's
   eigen-coordinate buffers are re-expressed in the new bases (their parameter-space value
-  kept). The refresh runs under a loop taken zero or one times (see `eigenbasis.refresh`).
+  kept). The refresh runs under a `lax.cond`, on the steps it is due (see `eigenbasis.refresh`).
 
   Args:
     inner: `eigenspace_ivon(...)` (EVON) or `eigenspace_adam(...)` (SOAP).
