@@ -331,3 +331,66 @@ def test_posterior_of_a_partition_with_evon_and_soap():
 def test_pieces_reject_bad_compositions_and_arguments(build, error):
   with pytest.raises(error):
     build()
+
+
+def _refresh_branches(jaxpr) -> int:
+  """Conditionals one of whose branches runs a QR directly or through a nested call, not
+  through a nested conditional: the refresh's switches (not counting conditionals inside
+  them)."""
+  def subjaxprs(eqn):
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(item, "jaxpr", item)
+        if hasattr(inner, "eqns"):
+          yield inner
+
+  def runs_qr(jaxpr):  # outside nested conditionals
+    return any(eqn.primitive.name == "qr"
+               or (eqn.primitive.name != "cond" and any(map(runs_qr, subjaxprs(eqn))))
+               for eqn in jaxpr.eqns)
+
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond" and any(map(runs_qr, subjaxprs(eqn))):
+      count += 1  # (its eigh branch's own conditionals are not counted)
+    else:
+      count += sum(_refresh_branches(inner) for inner in subjaxprs(eqn))
+  return count
+
+
+@pytest.mark.parametrize("stagger", [False, True])
+def test_leaves_sharing_a_schedule_refresh_two_per_branch(stagger):
+  """Counted in the traced program: five matrix leaves on one schedule refresh under
+  ceil(5/2) = 3 switches (XLA runs the QRs inside one side by side; see
+  `refresh.LEAVES_PER_REFRESH_BRANCH`); staggered over 6 steps, each leaf is due on its
+  own steps and has its own. The pairing changes nothing in the result (states after 12
+  calls with refreshes agree with one leaf per switch to float32 rounding)."""
+  from evon_jax.transforms import refresh
+  params = {f"w{i}": jnp.full((4 + i, 3), 0.1) for i in range(5)}
+  rng = np.random.default_rng(3)
+  grads = [{n: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for n, p in params.items()}
+           for _ in range(12)]
+
+  def run(per_branch):
+    original = refresh.LEAVES_PER_REFRESH_BRANCH
+    refresh.LEAVES_PER_REFRESH_BRANCH = per_branch
+    try:
+      jax.clear_caches()
+      tx = evon_jax.evon(1e-2, ess=100.0, precondition_frequency=6, stagger_refresh=stagger)
+      state = tx.init(params)
+      branches = _refresh_branches(jax.make_jaxpr(tx.update)(grads[0], state, params).jaxpr)
+      p = params
+      for g in grads:
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+      return branches, p, state
+    finally:
+      refresh.LEAVES_PER_REFRESH_BRANCH = original
+      jax.clear_caches()
+
+  paired, paired_params, paired_state = run(2)
+  alone, alone_params, alone_state = run(1)
+  assert paired == (5 if stagger else 3) and alone == 5
+  for a, b in zip(jax.tree.leaves((paired_params, paired_state.mean)),
+                  jax.tree.leaves((alone_params, alone_state.mean))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
