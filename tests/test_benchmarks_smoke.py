@@ -147,3 +147,22 @@ def test_continual_learning_benchmark_runs(tmp_path):
   assert "| method | average accuracy | forgetting |" in continual.report(results)
   continual.plot(results, str(tmp_path / "continual.png"))
   assert (tmp_path / "continual.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # seven compiled steps (~40 s of compiling at d = 16)
+def test_ablations_run_and_the_patches_take_effect():
+  """`python -m benchmarks.ablations` at a tiny size: every variant runs, and each patched
+  variant is a different program (the caches are cleared between builds, so a patch is not
+  hidden behind an unpatched variant's compiled update)."""
+  from benchmarks import ablations, common
+
+  shapes = common.transformer_shapes(16, 1)
+  texts = {}
+  for variant in ("as is", "grouped draws", "direct NS", "refresh per leaf"):
+    runner = ablations._runner(variant, "evon_whiten", ablations.PATCHES[variant], shapes, 3)
+    texts[variant] = runner.compiled.as_text()
+  assert len(set(texts.values())) == 4
+  record = ablations.run(d=16, layers=1, frequency=2, rounds=1)
+  assert len(record["rows"]) == 7
+  assert all(_positive(r["mean_ms"]) for r in record["rows"])
+  assert "| optimizer" in ablations.markdown(record)

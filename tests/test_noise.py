@@ -125,3 +125,22 @@ def test_inverse_cdf_is_float32_accurate_on_the_whole_grid():
   expected = np.sqrt(2.0) * special.erfinv(uniform)
   assert np.abs(expected).max() > 5.29  # the outermost grid points reached
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_large_leaves_draw_alone_small_ones_per_shape():
+  """Counted in the traced program: leaves of `FUSED_DRAW_MIN_SIZE` entries or more are each
+  drawn on their own (XLA fuses such a draw into its consumer), smaller leaves of one shape
+  as one block; the values do not depend on which (NumPy re-derivation)."""
+  from evon_jax.maths import normal_draws
+  big = (256, normal_draws.FUSED_DRAW_MIN_SIZE // 256)
+  requests = [(0, big, jnp.float32), (1, (5, 3), jnp.float32), (2, big, jnp.float32),
+              (3, (5, 3), jnp.float32), (4, (5, 3), jnp.float32)]
+  seeds = noise.stream_seeds(jax.random.key(11))
+  jaxpr = jax.make_jaxpr(lambda s: noise.standard_normals_from_seeds(s, requests))(seeds)
+  draws = sorted(tuple(eqn.outvars[0].aval.shape) for eqn in jaxpr.jaxpr.eqns
+                 if eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "_draws")
+  assert draws == [(1,) + big, (1,) + big, (3, 5, 3)]
+  values = noise.standard_normals_from_seeds(seeds, requests)
+  host_seeds = np.asarray(seeds)
+  for (stream, shape, _), z in zip(requests, values):
+    np.testing.assert_allclose(z, _hash_normal_numpy(host_seeds, stream, shape), atol=1e-5)

@@ -102,32 +102,51 @@ def standard_normal(key: jax.Array, shape, dtype=jnp.float32,
 def standard_normal_from_seeds(seeds: jax.Array, stream: int, shape,
                                dtype=jnp.float32) -> jax.Array:
   """'hash' draws of stream `stream` under `stream_seeds(key)`: independent across streams."""
-  return _leaf_draw(seeds, jnp.asarray(stream, jnp.uint32), shape=tuple(shape),
-                    dtype=jnp.dtype(dtype))
+  return _draws(seeds, jnp.asarray([stream], jnp.uint32), shape=tuple(shape),
+                dtype=jnp.dtype(dtype))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _leaf_draw(seeds: jax.Array, stream: jax.Array, *, shape, dtype) -> jax.Array:
-  """One stream's draw, traced once per (shape, dtype): the stream is an argument."""
-  return _bits_to_normal(_hash_bits(seeds, stream[None], shape)[0]).astype(dtype)
+def _draws(seeds: jax.Array, streams: jax.Array, *, shape, dtype) -> jax.Array:
+  """The draws of `streams` (a uint32 vector), (len(streams), *shape): traced once per
+  (number of streams, shape, dtype), the streams being an argument."""
+  return _bits_to_normal(_hash_bits(seeds, streams, shape)).astype(dtype)
+
+
+# Leaves of at least this many entries get a draw of their own, fused into its consumer;
+# smaller ones are drawn together per shape (see `standard_normals_from_seeds`).
+FUSED_DRAW_MIN_SIZE = 2 ** 15
 
 
 def standard_normals_from_seeds(seeds: jax.Array, requests: Sequence) -> list:
   """Many draws of one key: `requests[i]` is (stream, shape, dtype) or None (no draw).
 
-  Equal to `standard_normal_from_seeds` per request. Each leaf's draw is its own value, so
-  XLA fuses the whole draw (hash, log, polynomials) into the one elementwise pass that
-  consumes it and never writes it to memory; leaves of one shape and dtype call one traced
-  function (`_leaf_draw`), so the program the compiler sees grows with the number of
-  shapes, not of leaves. (Until 2026-12-07 leaves of one shape were drawn as one (k, *shape)
-  block behind an `optimization_barrier`. XLA's CPU pipeline drops the barrier, and the
-  block's slices made it write the log and the square root of every draw to memory and
-  hash each element twice: EVON's non-refresh step was 5 ms (4 %) slower on
-  `benchmarks.run`'s d = 256 shapes.)
+  Equal to `standard_normal_from_seeds` per request (up to the float rounding of where XLA
+  puts the computation). A leaf of `FUSED_DRAW_MIN_SIZE` entries or more is drawn on its
+  own: XLA fuses the whole draw (hash, log, polynomials) into the one elementwise pass that
+  consumes it, and never writes it to memory; all such leaves of one shape and dtype call
+  one traced function (`_draws`). Smaller leaves of one shape and dtype are drawn as
+  one (k, *shape) block, so that a model of many small layers compiles one draw per shape
+  rather than per leaf. (Until 2026-12-07 every leaf went into such a block, behind an
+  `optimization_barrier` meant to keep it in memory; XLA's CPU pipeline drops the barrier,
+  and the block's slices made it write the log and the square root of every draw to memory
+  and hash each element twice: EVON's non-refresh step was 5 ms (4 %) slower on
+  `benchmarks.run`'s d = 256 shapes. Fusing the small leaves' draws too cost 1.2 s more XLA
+  compile time on `benchmarks.compile_time`'s 12-layer model of 48 small leaves.)
   """
   out: list = [None] * len(requests)
+  groups: dict = {}
   for position, request in enumerate(requests):
-    if request is not None:
-      stream, shape, dtype = request
+    if request is None:
+      continue
+    stream, shape, dtype = request
+    if math.prod(shape) >= FUSED_DRAW_MIN_SIZE:
       out[position] = standard_normal_from_seeds(seeds, stream, shape, dtype)
+    else:
+      groups.setdefault((tuple(shape), jnp.dtype(dtype)), []).append((position, stream))
+  for (shape, dtype), members in groups.items():
+    block = _draws(seeds, jnp.asarray([s for _, s in members], jnp.uint32), shape=shape,
+                   dtype=dtype)
+    for row, (position, _) in enumerate(members):
+      out[position] = block[row]
   return out
