@@ -85,10 +85,10 @@ def run(d: int = 256, layers: int = 4, frequency: int = 10, rounds: int = 8) -> 
   plan = [("soap", "as is"), ("soap", "refresh per leaf"),
           ("evon", "as is"), ("evon", "grouped draws"), ("evon", "refresh per leaf"),
           ("evon_whiten", "as is"), ("evon_whiten", "direct NS")]
-  runners = [_runner(f"{optimizer} | {variant}", optimizer, PATCHES[variant], shapes, frequency)
+  runners = [_runner(f"{optimizer} / {variant}", optimizer, PATCHES[variant], shapes, frequency)
              for optimizer, variant in plan]
   results = common.time_interleaved(runners, rounds=rounds, steps_per_round=frequency)
-  soap = results["soap | as is"]["mean_ms"]
+  soap = results["soap / as is"]["mean_ms"]
   rows = []
   for name, res in results.items():
     refresh_extra = frequency * (res["mean_ms"] - res["median_ms"])
@@ -106,7 +106,7 @@ def markdown(record: dict) -> str:
            "(variants in `benchmarks/ablations.py`; one interleaved run, "
            f"{record['rounds']} rounds; median ≈ a normal step, "
            "refresh − normal ≈ T × (mean − median))", "",
-           "| optimizer \\| variant | median ms | mean ms | refresh − normal ms | mean / SOAP as is |",
+           "| optimizer / variant | median ms | mean ms | refresh − normal ms | mean / SOAP as is |",
            "| --- | ---: | ---: | ---: | ---: |"]
   for row in record["rows"]:
     lines.append(f"| {row['variant']} | {row['median_ms']:.1f} | {row['mean_ms']:.1f} | "
