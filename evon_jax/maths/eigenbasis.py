@@ -322,6 +322,12 @@ class LeafRefresh(NamedTuple):
   permuted: tuple = ()
 
 
+def is_due(kind) -> jax.Array:
+  """Whether a refresh `kind` (one for the leaf, or a tuple of one per side) changes a basis."""
+  kinds = kind if isinstance(kind, (tuple, list)) else (kind,)
+  return jnp.any(jnp.stack([k != KEEP for k in kinds]))
+
+
 def refresh_leaves(kind: jax.Array, leaves: Sequence[LeafRefresh],
                    options: RefreshOptions = DEFAULT_OPTIONS) -> list:
   """Refreshes several leaves that share one `kind` (KEEP / POWER_QR / EIGH) under one
@@ -387,9 +393,8 @@ def refresh(
              for k, f, q in zip(kinds, factors, old_basis)]
     return _moved(sides, old_basis, buffers, per_coordinate, options)
 
-  due = jnp.any(jnp.stack([k != KEEP for k in kinds]))
   operands = (tuple(basis), tuple(carried), tuple(permuted))
-  return jax.lax.cond(due, moved, lambda ops: ops, operands)
+  return jax.lax.cond(is_due(kinds), moved, lambda ops: ops, operands)
 
 
 def refresh_kind(

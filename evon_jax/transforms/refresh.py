@@ -171,9 +171,7 @@ class RefreshSpec(protocol.Spec):
                                          count + 1)
       return factors, self._kind(gates, count, i, factors, bases)
     kind = self._kind(gates, count, i, factors, bases)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    refreshing = jnp.any(jnp.stack([k != eigenbasis.KEEP for k in kinds]))
-    factors_on = gates.active & (gates.first | gates.factors_free | refreshing)
+    factors_on = gates.active & (gates.first | gates.factors_free | eigenbasis.is_due(kind))
     factors = self.factors.leaf_update(factors, statistic, factors_on, factor_traced,
                                        count + 1)
     return factors, kind
@@ -236,8 +234,7 @@ class RefreshSpec(protocol.Spec):
         bases[i] = new_bases
         for column, value in zip(columns, tuple(carried) + tuple(permuted)):
           column[i] = from_view(value, message.layouts[i])
-        leaf_kinds = kinds[i] if isinstance(kinds[i], tuple) else (kinds[i],)
-        changed[i] = jnp.any(jnp.stack([k != eigenbasis.KEEP for k in leaf_kinds]))
+        changed[i] = eigenbasis.is_due(kinds[i])
     inner_state = inner_state._replace(**{
         name: treedef.unflatten(column)
         for name, column in zip(names + sorted_names, columns)})
