@@ -12,7 +12,11 @@ Variants (d = 256, 4 layers, `benchmarks.run`'s shapes and gradient):
 * `grouped draws`: leaves of one shape drawn as one block behind an optimization barrier
   (XLA's CPU pipeline drops the barrier) with `lax.erf_inv`, as before;
 * `direct NS`: Newton–Schulz run on X for every leaf (no Gram-space iteration);
-* `refresh per leaf`: one conditional per leaf (no pairing of leaves).
+* `refresh per leaf`: one conditional per leaf (no pairing of leaves);
+* `unpadded QR`: the refresh's QR on the n x n matrix as it is (no zero rows appended, see
+  `eigenbasis.orthonormal_columns`);
+* `transitions only`: every axis of a change of basis through the transition matrix
+  Q_newᵀ Q_old (never through parameter coordinates, see `kronecker.change_bases`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from evon_jax.maths import normal_draws, whitening
+from evon_jax.maths import eigenbasis, kronecker, normal_draws, whitening
 from evon_jax.transforms import refresh
 
 
@@ -66,6 +70,8 @@ PATCHES = {
     "grouped draws": ((normal_draws, "standard_normals_from_seeds", _grouped_draws),),
     "direct NS": ((whitening, "_gram_iterations", whitening._direct_iterations),),
     "refresh per leaf": ((refresh, "LEAVES_PER_REFRESH_BRANCH", 1),),
+    "unpadded QR": ((eigenbasis, "orthonormal_columns", eigenbasis._householder_q),),
+    "transitions only": ((kronecker, "_through_parameter_space", lambda *args: False),),
 }
 
 
@@ -82,8 +88,10 @@ def _runner(name, optimizer, patches, shapes, frequency):
 
 def run(d: int = 256, layers: int = 4, frequency: int = 10, rounds: int = 8) -> dict:
   shapes = common.transformer_shapes(d, layers)
-  plan = [("soap", "as is"), ("soap", "refresh per leaf"),
+  plan = [("soap", "as is"), ("soap", "refresh per leaf"), ("soap", "unpadded QR"),
+          ("soap", "transitions only"),
           ("evon", "as is"), ("evon", "grouped draws"), ("evon", "refresh per leaf"),
+          ("evon", "unpadded QR"), ("evon", "transitions only"),
           ("evon_whiten", "as is"), ("evon_whiten", "direct NS")]
   runners = [_runner(f"{optimizer} / {variant}", optimizer, PATCHES[variant], shapes, frequency)
              for optimizer, variant in plan]

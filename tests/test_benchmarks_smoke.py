@@ -149,7 +149,7 @@ def test_continual_learning_benchmark_runs(tmp_path):
   assert (tmp_path / "continual.png").stat().st_size > 0
 
 
-@pytest.mark.slow  # seven compiled steps (~40 s of compiling at d = 16)
+@pytest.mark.slow  # seventeen compiled steps (~90 s of compiling at d = 16)
 def test_ablations_run_and_the_patches_take_effect():
   """`python -m benchmarks.ablations` at a tiny size: every variant runs, and each patched
   variant is a different program (the caches are cleared between builds, so a patch is not
@@ -158,11 +158,11 @@ def test_ablations_run_and_the_patches_take_effect():
 
   shapes = common.transformer_shapes(16, 1)
   texts = {}
-  for variant in ("as is", "grouped draws", "direct NS", "refresh per leaf"):
+  for variant in ablations.PATCHES:
     runner = ablations._runner(variant, "evon_whiten", ablations.PATCHES[variant], shapes, 3)
     texts[variant] = runner.compiled.as_text()
-  assert len(set(texts.values())) == 4
+  assert len(set(texts.values())) == len(ablations.PATCHES) == 6
   record = ablations.run(d=16, layers=1, frequency=2, rounds=1)
-  assert len(record["rows"]) == 7
+  assert len(record["rows"]) == 11
   assert all(_positive(r["mean_ms"]) for r in record["rows"])
   assert "| optimizer" in ablations.markdown(record)

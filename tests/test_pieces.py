@@ -336,7 +336,8 @@ def test_pieces_reject_bad_compositions_and_arguments(build, error):
 def _refresh_branches(jaxpr) -> int:
   """Conditionals one of whose branches runs a QR directly or through a nested call, not
   through a nested conditional: the refresh's switches (not counting conditionals inside
-  them)."""
+  them). A `lax.platform_dependent` choice (a cond on `platform_index`, resolved when the
+  program is lowered for one backend) counts as a nested call, not as a conditional."""
   def subjaxprs(eqn):
     for value in eqn.params.values():
       for item in value if isinstance(value, (tuple, list)) else (value,):
@@ -344,14 +345,25 @@ def _refresh_branches(jaxpr) -> int:
         if hasattr(inner, "eqns"):
           yield inner
 
+  def platform_indices(jaxpr):
+    return {id(v) for eqn in jaxpr.eqns if eqn.primitive.name == "platform_index"
+            for v in eqn.outvars}
+
+  def is_platform_choice(eqn, indices):
+    return eqn.primitive.name == "cond" and id(eqn.invars[0]) in indices
+
   def runs_qr(jaxpr):  # outside nested conditionals
+    indices = platform_indices(jaxpr)
     return any(eqn.primitive.name == "qr"
-               or (eqn.primitive.name != "cond" and any(map(runs_qr, subjaxprs(eqn))))
+               or ((eqn.primitive.name != "cond" or is_platform_choice(eqn, indices))
+                   and any(map(runs_qr, subjaxprs(eqn))))
                for eqn in jaxpr.eqns)
 
   count = 0
+  indices = platform_indices(jaxpr)
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "cond" and any(map(runs_qr, subjaxprs(eqn))):
+    if (eqn.primitive.name == "cond" and not is_platform_choice(eqn, indices)
+        and any(map(runs_qr, subjaxprs(eqn)))):
       count += 1  # (its eigh branch's own conditionals are not counted)
     else:
       count += sum(_refresh_branches(inner) for inner in subjaxprs(eqn))
