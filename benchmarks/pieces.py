@@ -129,8 +129,8 @@ def step_pieces(d: int, layers: int, repeats: int = 5) -> dict:
       kronecker.change_basis(x, q, q2) for x, q, q2 in zip(xs, qs, q2s)],
         leaves, bases, bases)
   timed("change_basis_2_buffers_all", lambda xs, ys, qs, q2s: [
-      (kronecker.change_basis(x, q, q2), kronecker.change_basis(y, q, q2))
-      for x, y, q, q2 in zip(xs, ys, qs, q2s)], leaves, others, bases, bases)
+      kronecker.change_bases((x, y), q, q2) for x, y, q, q2 in zip(xs, ys, qs, q2s)],
+        leaves, others, bases, bases)
   return out
 
 

@@ -13,8 +13,9 @@ G (m x n) 2mn(m + n); the two factor statistics G Gᵀ, Gᵀ G 2mn(m + n) (dense
 rank-k update would halve it); five quintic Newton–Schulz steps on the smaller Gram side
 5 (4m²n + 2m³), m ≤ n; a power-QR refresh of an n x n factor F Q plus Householder QR and
 forming Q, 2n³ + 8/3 n³; `eigh` with vectors ~9n³ (Golub & Van Loan's count for the
-symmetric QR algorithm); the change of basis of one buffer, two transitions Q_newᵀ Q_old
-(2n³ each) and one rotation. Elementwise passes count the float32 bytes of the distinct
+symmetric QR algorithm); the change of basis per axis of size k, by the route the library
+takes (`kronecker.change_bases`): the transition Q_newᵀ Q_old (2k³) and one mode product
+per buffer, or two mode products per buffer through parameter coordinates. Elementwise passes count the float32 bytes of the distinct
 arrays they read and write. The step rows add the pieces a step is made of and compare with steps measured in the
 same run (`StepRunner`, interleaved, refresh period T; the refresh step's extra is its mean
 minus the median step).
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common, pieces
-from evon_jax.maths import whitening
+from evon_jax.maths import kronecker, whitening
 
 _EXACT = jax.lax.Precision.HIGHEST
 
@@ -75,9 +76,22 @@ def work_counts(d: int, layers: int) -> dict:
       "adam_elementwise_all": ("bytes", 3 * 4 * size),
       "power_qr_all": ("flops", sum((2 + 8 / 3) * k ** 3 for k in sides)),
       "eigh_all": ("flops", sum(9 * k ** 3 for k in sides)),
-      "change_basis_1_buffer_all": ("flops", sum(2 * k ** 3 for k in sides) + rotation),
-      "change_basis_2_buffers_all": ("flops", sum(2 * k ** 3 for k in sides) + 2 * rotation),
+      "change_basis_1_buffer_all": ("flops", change_basis_flops(shapes, 1)),
+      "change_basis_2_buffers_all": ("flops", change_basis_flops(shapes, 2)),
   }
+
+
+def change_basis_flops(shapes, buffers: int) -> float:
+  """Flops of `kronecker.change_bases` of `buffers` buffers per leaf: per axis the cheaper of
+  the transition route (2k³ + buffers·2·entries·k) and the route through parameter
+  coordinates (buffers·4·entries·k), as the library picks."""
+  total = 0.0
+  for m, n in shapes:
+    for k in (m, n):
+      transition = 2 * k ** 3 + buffers * 2 * m * n * k
+      direct = buffers * 4 * m * n * k
+      total += direct if kronecker._through_parameter_space(k, m * n, buffers) else transition
+  return total
 
 
 def lower_bound_ms(kind: str, amount: float, rates: dict) -> float:
