@@ -135,8 +135,10 @@ def step_pieces(d: int, layers: int, repeats: int = 5) -> dict:
 
 
 def factor_size_pieces(sizes: Sequence[int], repeats: int = 5) -> list[dict]:
-  """QR / Cholesky-QR2 / eigh / product of one k x k factor, per k and LAPACK thread count."""
+  """QR (plain, and with the refresh's zero rows appended: `eigenbasis.orthonormal_columns`)
+  / Cholesky-QR2 / eigh / product of one k x k factor, per k and LAPACK thread count."""
   qr = jax.jit(lambda a: jnp.linalg.qr(a)[0])
+  padded_qr = jax.jit(eigenbasis.orthonormal_columns)
   chol = jax.jit(cholesky_qr2)
   eigh = jax.jit(eigenbasis.eigh_descending)
   product = jax.jit(lambda a, b: jnp.matmul(a, b, precision=_EXACT))
@@ -153,6 +155,7 @@ def factor_size_pieces(sizes: Sequence[int], repeats: int = 5) -> list[dict]:
         out.append({
             "k": k, "lapack_threads": threads,
             "qr_ms": time_call(qr, power, repeats=repeats),
+            "padded_qr_ms": time_call(padded_qr, power, repeats=repeats),
             "cholesky_qr2_ms": time_call(chol, power, repeats=repeats),
             "eigh_ms": time_call(eigh, spd, repeats=repeats),
             "matmul_ms": time_call(product, spd, a, repeats=repeats)})
