@@ -66,7 +66,9 @@ def ratio_bars(results, out_dir, d=256):
            color=[_COLORS.get(n) for n in shown])
     ax.axhline(1.0, color="black", lw=0.8)
     if reference == "soap":
-      ax.axhline(1.10, color="tab:red", ls=":", lw=1, label="target EVON <= 1.10 x SOAP")
+      ax.axhline(1.05, color="tab:red", ls=":", lw=1, label="target EVON <= 1.05 x SOAP")
+      ax.axhline(1.25, color="tab:orange", ls=":", lw=1,
+                 label="target whitened EVON <= 1.25 x SOAP")
       ax.legend(fontsize=8)
     ax.set_ylabel(f"mean step / {reference} mean step")
     ax.set_title(f"d={record['d']}, {record['layers']} layers (same interleaved run)")

@@ -61,6 +61,10 @@ def test_headline_train_memory_pieces(quick):
   headline = results["headline"]
   assert _positive(headline["evon_over_soap_mean"])
   assert isinstance(headline["target_evon_state_le_soap_plus_1"], bool)
+  for key in ("target_evon_mean_le_1.05_soap", "target_evon_median_step_le_1.03_soap",
+              "target_refresh_amortised_le_0.25"):
+    assert isinstance(headline[key], bool), key
+  assert _positive(headline["evon_over_soap_median_step"])
   for record in results["train"]["records"]:
     assert _positive(record["results"]["forward_backward"]["mean_ms"])
     for fraction in record["optimizer_fraction"].values():
