@@ -127,23 +127,6 @@ def test_inverse_cdf_is_float32_accurate_on_the_whole_grid():
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
 
 
-def test_log_without_guards_matches_float64_log_on_the_draws_range():
-  """`_log_of_positive_normal` against NumPy's float64 log over the products (1 - u)(1 + u)
-  the draws produce (2^-22 to 1: every power of two, both sides of each √½ boundary where the
-  exponent switches, 2^16 random points). Absolute error measured 5.4e-7 at most, as float32
-  itself rounds there (NumPy's float32 log: 5.6e-7, XLA's `log`: 5.1e-7 on the same points);
-  the computation is deterministic, the bound leaves 2x for other CPUs' FMA contraction."""
-  from evon_jax.maths import normal_draws
-  rng = np.random.default_rng(1)
-  powers = 2.0 ** -np.arange(23)
-  boundaries = np.sqrt(0.5) * powers[1:]
-  x = np.concatenate([powers, boundaries, np.nextafter(boundaries, 0), np.nextafter(boundaries, 1),
-                      2.0 ** rng.uniform(-22, 0, 2 ** 16)]).astype(np.float32)
-  got = np.asarray(jax.jit(normal_draws._log_of_positive_normal)(jnp.asarray(x)), np.float64)
-  expected = np.log(x.astype(np.float64))
-  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-
-
 def test_large_leaves_draw_alone_small_ones_per_shape():
   """Counted in the traced program: leaves of `FUSED_DRAW_MIN_SIZE` entries or more are each
   drawn on their own (XLA fuses such a draw into its consumer), smaller leaves of one shape
