@@ -108,7 +108,8 @@ def headline(results: dict, d: int = 256) -> dict:
     # Refresh amortised over T steps: (mean - median) / median = (refresh extra / T) / normal.
     out["evon_refresh_amortised_over_normal_step"] = (
         evon["mean_ms"] - evon["median_ms"]) / evon["median_ms"]
-    out["target_refresh_amortised_le_0.25"] = out["evon_refresh_amortised_over_normal_step"] <= 0.25
+    out["target_refresh_amortised_le_0.25"] = (
+        out["evon_refresh_amortised_over_normal_step"] <= 0.25)
     for name in ("evon_stagger", "evon"):
       if name in rec["results"]:
         out[f"{name}_max_over_median"] = rec["results"][name]["max_over_median"]

@@ -24,7 +24,6 @@ KEEP, POWER_QR, EIGH = 0, 1, 2
 RefreshMethod = Literal["power_qr", "eigh"]
 
 
-
 def eigh_descending(factor: jax.Array, reference: jax.Array | None = None,
                     tolerance: float | None = None) -> jax.Array:
   """Eigenvectors of a symmetric factor, columns in descending eigenvalue order.
@@ -96,9 +95,9 @@ def power_qr(factor: jax.Array, basis: jax.Array, shift: float = POWER_SHIFT,
   """One power iteration followed by QR: the cheap refresh SOAP uses (columns not sorted).
 
   The iteration runs on `F + μ I` with μ = `shift` times the largest column of `F Q`
-  (about F's largest eigenvalue): the same eigenvectors, so the fixed point and the directions that matter are F's, but
-  `(F + μI) Q` is never rank-deficient. Without the shift, where F is rank-deficient
-  (early steps, wide or thin leaves), QR turns the float noise of `F Q`'s dependent
+  (about F's largest eigenvalue): the same eigenvectors, so the fixed point and the
+  directions that matter are F's, but `(F + μI) Q` is never rank-deficient. Without the
+  shift, where F is rank-deficient (early steps, wide or thin leaves), QR turns the float noise of `F Q`'s dependent
   columns into unit vectors pointing anywhere, and a change of the inputs by 1e-7 gives
   another basis; with it, directions whose eigenvalue is far below μ keep their old
   direction, and one refresh moves the basis by at most about eps/`shift` where the
