@@ -94,14 +94,14 @@ def power_qr(factor: jax.Array, basis: jax.Array, shift: float = POWER_SHIFT,
              steps: int = 1, precision=_EXACT, product: jax.Array | None = None) -> jax.Array:
   """One power iteration followed by QR: the cheap refresh SOAP uses (columns not sorted).
 
-  The iteration runs on `F + μ I` with μ = `shift` times the largest column of `F Q`
-  (about F's largest eigenvalue): the same eigenvectors, so the fixed point and the
-  directions that matter are F's, but `(F + μI) Q` is never rank-deficient. Without the
-  shift, where F is rank-deficient (early steps, wide or thin leaves), QR turns the float noise of `F Q`'s dependent
-  columns into unit vectors pointing anywhere, and a change of the inputs by 1e-7 gives
-  another basis; with it, directions whose eigenvalue is far below μ keep their old
-  direction, and one refresh moves the basis by at most about eps/`shift` where the
-  factor moves by eps. A zero factor keeps the basis. `steps` > 1 repeats the pair
+  The iteration runs on `F + μ I` with μ = `shift` times the largest column of `F Q` (about
+  F's largest eigenvalue): the same eigenvectors, so the fixed point and the directions that
+  matter are F's, but `(F + μI) Q` is never rank-deficient. Without the shift, where F is
+  rank-deficient (early steps, wide or thin leaves), QR turns the float noise of `F Q`'s
+  dependent columns into unit vectors pointing anywhere, and a change of the inputs by 1e-7
+  gives another basis; with it, directions whose eigenvalue is far below μ keep their old
+  direction, and one refresh moves the basis by at most about eps/`shift` where the factor
+  moves by eps. A zero factor keeps the basis. `steps` > 1 repeats the pair
   (orthogonal iteration); `shift=0` is the reference SOAP's plain ``qr(F Q)``. `product`:
   F Q for the first iteration, where the caller has it already.
   """
